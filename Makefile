@@ -1,0 +1,32 @@
+# The two set-up commands: `make serve` and `make test`. Both create or update .venv first.
+PYTHON ?= python3
+# torch is pinned here, in the install path, not in pyproject.toml: the CPU build on a dev box or CI,
+# while the Neuron SDK brings its own torch on inf2 (`make install TORCH_SPEC=` keeps it).
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test bench-engine clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)')
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/serve run serve_config.yaml
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-engine: install
+	$(BIN)/python scripts/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

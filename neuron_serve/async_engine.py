@@ -1,0 +1,93 @@
+"""The engine's step loop on a background thread, with asyncio callers on the other side.
+
+`generate(request)` is an async iterator of event lists for one request. The step thread hands each
+step's events to the event loop in one call; a caller that falls behind gets the events that piled
+up as one list, so a slow consumer costs one hand-over, not one per token. A caller that stops
+iterating (client disconnect, task cancellation) cancels its request in the engine, which frees its
+row at the next step. A bug in a step fails the requests in flight and the loop keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator
+
+from .engine import Engine
+from .request import Event, GenerationRequest, is_last
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 1.0  # the step thread sleeps this long at most when there is no work
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue[list[Event]]] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the step thread; call from the event loop the callers run on."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+        if self._thread is None:
+            self.start()
+        if request.id in self._streams:
+            raise ValueError(f"request id {request.id} is already in flight")
+        queue: asyncio.Queue[list[Event]] = asyncio.Queue()
+        self._streams[request.id] = queue
+        self.engine.submit(request)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                events = await queue.get()
+                while not queue.empty():
+                    events.extend(queue.get_nowait())
+                finished = is_last(events[-1])
+                yield events
+        finally:
+            del self._streams[request.id]
+            if not finished:
+                self.engine.cancel(request.id)
+                self._wake.set()
+
+    # -- the step thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not self.engine.has_work:
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a bug outside the forward: fail what is in flight, keep serving
+                logger.exception("engine step crashed")
+                events = self.engine.fail_all(e)
+            if events:
+                self._loop.call_soon_threadsafe(self._dispatch, events)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            queue = self._streams.get(event.request_id)
+            if queue is not None:  # else its caller is gone
+                queue.put_nowait([event])

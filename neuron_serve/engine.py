@@ -1,0 +1,208 @@
+"""The engine: one static batch, stepped one iteration at a time.
+
+`step()` reads top to bottom: take new requests and cancellations → plan (prefill or decode) →
+run the backend → sample → append, detokenize, check stops → emit one event per request → free the
+rows of finished requests. Only `_advance` changes a request's state.
+
+`submit` and `cancel` may be called from any thread; everything else runs on the thread that calls
+`step`. A failing forward fails only the requests that were in it, and frees their rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import AbstractSet
+
+from .backends import Backend
+from .batch import Slot, StaticBatch
+from .config import Limits
+from .detokenizer import IncrementalDetokenizer
+from .errors import ConfigError
+from .request import ErrorEvent, Event, Finish, GenerationRequest, Token, TokenEvent
+from .sampler import Choice, RequestSampler, choose
+from .scheduler import InsertionPolicy, PrefillPolicy, Scheduler, StepPlan, WaitingRequest
+from .stopping import StopCondition
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer,
+        limits: Limits,
+        eos_ids: AbstractSet[int],
+        insertion: InsertionPolicy = InsertionPolicy("insert"),
+        prefill_policy: PrefillPolicy = PrefillPolicy(),
+    ):
+        if insertion.name == "insert" and not backend.prefills_subset:
+            raise ConfigError(
+                f"`insertion: insert` needs a backend that prefills some rows only; {backend.description} "
+                "prefills the whole batch at once: use `insertion: rebuild`"
+            )
+        if limits.max_batch_size > backend.batch_size:
+            raise ConfigError(f"`max_batch_size` ({limits.max_batch_size}) exceeds the backend's {backend.batch_size} rows")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.eos_ids = frozenset(eos_ids)
+        self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
+        self.batch = StaticBatch(limits.max_batch_size)
+        self.scheduler = Scheduler(prefill_policy, insertion, limits.max_batch_prefill_tokens)
+        self.waiting: deque[WaitingRequest] = deque()
+        self._lock = threading.Lock()
+        self._inbox: list[WaitingRequest] = []
+        self._cancelled: set[str] = set()
+
+    # -- called from any thread ---------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        with self._lock:
+            self._inbox.append(WaitingRequest(request, time.monotonic()))
+
+    def cancel(self, request_id: str) -> None:
+        """Forget a request (its caller stopped listening); its row is freed at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._cancelled or self.waiting or self.batch.active())
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        events: list[Event] = self._take_inbox()
+        plan = self.scheduler.schedule(self.waiting, self.batch)
+        if plan.is_empty:
+            return events
+        new_slots = [self._new_slot(waiting, row) for waiting, row in plan.admit]
+        try:
+            if plan.is_prefill:
+                slots = new_slots
+                logits, prompt_tokens = self._prefill(plan, new_slots)
+            else:
+                slots = plan.decode
+                prompt_tokens = [None] * len(slots)
+                logits = self.backend.decode(
+                    [s.row for s in slots], [s.token_ids[-1] for s in slots], [s.next_position for s in slots]
+                )
+            choices = choose(logits, [s.sampler for s in slots], [s.token_ids for s in slots])
+        except Exception as e:  # the forward failed: fail exactly the requests that were in it
+            logger.exception("step failed")
+            return events + [self._fail(slot, e) for slot in new_slots + plan.rebuild + plan.decode]
+        for slot, choice, prompt in zip(slots, choices, prompt_tokens):
+            try:
+                events.append(self._advance(slot, choice, prompt))
+            except Exception as e:
+                logger.exception("request %s failed", slot.id)
+                events.append(self._fail(slot, e))
+        return events
+
+    def _take_inbox(self) -> list[Event]:
+        """Queue new requests (refusing those that cannot fit), drop cancelled ones."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            cancelled, self._cancelled = self._cancelled, set()
+        rejected: list[Event] = []
+        for waiting in inbox:
+            problem = self._unfit(waiting.request)
+            if problem:
+                rejected.append(ErrorEvent(waiting.request.id, problem, error_type="validation"))
+            else:
+                self.waiting.append(waiting)
+        if cancelled:
+            self.waiting = deque(w for w in self.waiting if w.request.id not in cancelled)
+            for slot in self.batch.active():
+                if slot.id in cancelled:
+                    self.batch.release(slot)
+        return rejected
+
+    def _unfit(self, request: GenerationRequest) -> str | None:
+        n = len(request.input_ids)
+        if n == 0:
+            return "`inputs` cannot be empty"
+        if n > self.limits.max_input_tokens:
+            return f"`inputs` must have less than {self.limits.max_input_tokens} tokens. Given: {n}"
+        if request.stopping.max_new_tokens < 1:
+            return "`max_new_tokens` must be strictly positive"
+        return None
+
+    def _new_slot(self, waiting: WaitingRequest, row: int) -> Slot:
+        request = waiting.request
+        slot = Slot(
+            row=row,
+            request=request,
+            sampler=RequestSampler(request.sampling),
+            stop=StopCondition(request.stopping, self.eos_ids, len(request.input_ids), self.limits.max_total_tokens),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.input_ids),
+            submitted_at=waiting.submitted_at,
+        )
+        self.batch.insert(slot)
+        return slot
+
+    def _prefill(self, plan: StepPlan, new_slots: list[Slot]):
+        rows = [s.row for s in plan.rebuild] + [s.row for s in new_slots]
+        # A rebuilt row gets back everything but its pending token, which the next decode feeds.
+        token_ids = [s.token_ids[:-1] for s in plan.rebuild] + [s.token_ids for s in new_slots]
+        want_prompt = any(s.request.prompt_logprobs for s in new_slots)
+        output = self.backend.prefill(rows, token_ids, prompt_logprobs=want_prompt)
+        skip = len(plan.rebuild)
+        prompt_tokens = [None] * len(new_slots)
+        if want_prompt and output.prompt_logprobs is not None:
+            for i, slot in enumerate(new_slots):
+                if slot.request.prompt_logprobs:
+                    prompt_tokens[i] = self._prompt_tokens(slot.request.input_ids, output.prompt_logprobs[skip + i])
+        return output.logits[skip:], prompt_tokens
+
+    def _advance(self, slot: Slot, choice: Choice, prompt_tokens: list[Token] | None) -> TokenEvent:
+        token_id = choice.token_id
+        slot.token_ids.append(token_id)
+        slot.generated += 1
+        # End-of-sequence ids add no text, even where the tokenizer does not call them special.
+        text = "" if token_id in self.eos_ids else slot.detokenizer.add(token_id)
+        reason = slot.stop.check(token_id, slot.generated, text)
+        finish = None
+        if reason is not None:
+            text += slot.detokenizer.flush()
+            now = time.monotonic()
+            generated_ids = [i for i in slot.token_ids[len(slot.request.input_ids) :] if i not in self.eos_ids]
+            finish = Finish(
+                reason=reason,
+                generated_text=self.tokenizer.decode(generated_ids, skip_special_tokens=True),
+                generated_tokens=slot.generated,
+                seed=slot.sampler.seed,
+                queue_time=slot.admitted_at - slot.submitted_at,
+                inference_time=now - slot.admitted_at,
+            )
+            self.batch.release(slot)
+        return TokenEvent(
+            request_id=slot.id,
+            index=slot.generated,
+            token=Token(token_id, text, choice.logprob, token_id in self.special_ids),
+            top_tokens=[self._token(i, lp) for i, lp in zip(choice.top_ids, choice.top_logprobs)],
+            prompt_tokens=prompt_tokens,
+            finish=finish,
+        )
+
+    def _fail(self, slot: Slot, error: Exception) -> ErrorEvent:
+        self.batch.release(slot)
+        return ErrorEvent(slot.id, f"Request failed during generation: {type(error).__name__}: {error}")
+
+    def fail_all(self, error: Exception) -> list[Event]:
+        """Fail every request, active or waiting (after a fault outside the forward pass)."""
+        events: list[Event] = [self._fail(slot, error) for slot in self.batch.active()]
+        while self.waiting:
+            events.append(ErrorEvent(self.waiting.popleft().request.id, f"Request failed: {error}"))
+        return events
+
+    def _token(self, token_id: int, logprob: float) -> Token:
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return Token(token_id, text, logprob, token_id in self.special_ids)
+
+    def _prompt_tokens(self, input_ids, logprobs) -> list[Token]:
+        return [self._token(i, lp) for i, lp in zip(input_ids, logprobs.tolist())]

@@ -1,0 +1,38 @@
+"""The errors a request can end with, one class per TGI `error_type`.
+
+Raised where the problem is found; the HTTP layer turns them into status codes in one place.
+"""
+
+
+class ServeError(Exception):
+    error_type = "generation"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ValidationError(ServeError):
+    """The request is malformed or out of bounds (TGI prefixes the message for the client)."""
+
+    error_type = "validation"
+
+
+class GenerationError(ServeError):
+    """The model failed while generating."""
+
+    error_type = "generation"
+
+
+class OverloadedError(ServeError):
+    error_type = "overloaded"
+
+
+class IncompleteGenerationError(ServeError):
+    """A stream ended without its final token."""
+
+    error_type = "incomplete_generation"
+
+
+class ConfigError(ValueError):
+    """An inconsistent or invalid setting, found at start; the message names the setting."""

@@ -1,0 +1,62 @@
+"""Where a model's files come from: the built-in tiny model, a local directory, or the Hugging Face hub.
+
+`resolve_model_dir` returns a local directory in standard Hugging Face layout. Hub downloads use
+`HF_TOKEN` for gated repositories and the usual hub cache (`HF_HOME`); `weights=False` fetches only
+the configuration and tokenizer files, which is all the HTTP ingress needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config
+from .errors import ConfigError
+from .tiny_model import TINY_MODEL_ID, ensure_tiny_model
+
+TOKENIZER_AND_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_model_dir(config: Config, weights: bool = True) -> Path:
+    if config.model_id == TINY_MODEL_ID:
+        return ensure_tiny_model(config.cache_dir)
+    local = Path(config.model_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or config.model_id.startswith("."):
+        raise ConfigError(f"`model_id`: {config.model_id} is not a directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            config.model_id,
+            revision=config.revision,
+            token=config.hf_token.get_secret_value() if config.hf_token else None,
+            allow_patterns=None if weights else TOKENIZER_AND_CONFIG_FILES,
+        )
+    except Exception as e:
+        raise ConfigError(
+            f"`model_id`: {config.model_id} is neither a local directory nor a reachable hub model "
+            f"({type(e).__name__}: {e}). Set HF_TOKEN for a gated model."
+        ) from None
+    return Path(path)
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.is_fast:
+        raise ConfigError(f"{model_dir} has no fast tokenizer (tokenizer.json); neuron-serve needs one")
+    return tokenizer
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:
+    """Every end-of-sequence id: the generation config's, else the model config's, else the tokenizer's."""
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return frozenset(eos if isinstance(eos, list) else [eos])
+    return frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()

@@ -1,0 +1,114 @@
+"""Choosing next tokens on the host, with transformers' logits processors.
+
+Each request gets a `RequestSampler` when it enters the batch: its penalties (which apply to greedy
+requests too), its warpers when it samples, and a generator seeded for it alone, so that the same
+seed gives the same tokens whatever else shares the batch. `choose` then works on the whole batch's
+logits at once: rows that only need an argmax cost nothing extra, as in TGI's heterogeneous chooser.
+Log-probabilities are those of the distribution the token was drawn from (after the processors).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from .request import SamplingParams
+
+
+class FrequencyPenaltyLogitsProcessor(LogitsProcessor):
+    """TGI's frequency penalty: lower each token's score by penalty x its share of the sequence so far."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype))
+        return scores - self.penalty * counts / input_ids.shape[1]
+
+
+class RequestSampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        penalties = []
+        if params.repetition_penalty != 1.0:
+            penalties.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.frequency_penalty != 0.0:
+            penalties.append(FrequencyPenaltyLogitsProcessor(params.frequency_penalty))
+        warpers = []
+        if params.do_sample:
+            if params.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(params.top_p))
+            if params.typical_p < 1.0:
+                warpers.append(TypicalLogitsWarper(params.typical_p))
+        self.processors = LogitsProcessorList(penalties + warpers)
+        self.seed: int | None = None
+        self.generator: torch.Generator | None = None
+        if params.do_sample:
+            self.seed = params.seed if params.seed is not None else random.getrandbits(63)
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def needs_history(self) -> bool:
+        return len(self.processors) > 0
+
+
+@dataclass
+class Choice:
+    token_id: int
+    logprob: float
+    top_ids: list[int]  # the `top_n_tokens` most likely tokens, most likely first
+    top_logprobs: list[float]
+
+
+def choose(logits: torch.Tensor, samplers: Sequence[RequestSampler], histories: Sequence[Sequence[int]]) -> list[Choice]:
+    """Next token for each row of `logits` [rows, vocab]; `histories[i]`: row i's prompt + generated ids."""
+    scores = logits.float()
+    needs_history = [i for i, s in enumerate(samplers) if s.needs_history]
+    if needs_history:
+        scores = scores.clone()
+        for i in needs_history:
+            history = torch.tensor([list(histories[i])], dtype=torch.long, device=scores.device)
+            scores[i : i + 1] = samplers[i].processors(history, scores[i : i + 1])
+    logprobs = torch.log_softmax(scores, dim=-1)
+    token_ids = scores.argmax(dim=-1)
+    for i, sampler in enumerate(samplers):
+        if sampler.generator is not None:
+            probs = logprobs[i].exp().cpu()
+            token_ids[i] = torch.multinomial(probs, 1, generator=sampler.generator)[0]
+    chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
+
+    top_n = max(s.params.top_n_tokens for s in samplers)
+    top_values = top_indices = None
+    if top_n:
+        top_values, top_indices = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)
+        top_values, top_indices = top_values.tolist(), top_indices.tolist()
+
+    ids, lps = token_ids.tolist(), chosen.tolist()
+    choices = []
+    for i, sampler in enumerate(samplers):
+        n = sampler.params.top_n_tokens
+        choices.append(
+            Choice(
+                token_id=ids[i],
+                logprob=lps[i],
+                top_ids=top_indices[i][:n] if n else [],
+                top_logprobs=top_values[i][:n] if n else [],
+            )
+        )
+    return choices

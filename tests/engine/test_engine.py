@@ -1,0 +1,139 @@
+"""The engine against transformers' `generate`: greedy tokens equal, however requests arrive."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuron_serve.request import ErrorEvent, FinishReason
+
+from .helpers import make_engine, request, run, token_ids
+
+PROMPTS = [
+    "What is Deep Learning?",
+    "Hello 🚀 世界",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
+    "Q: What is the capital of France?\nA:",
+    "a",
+    "Once upon a time there was a small lighthouse at the end of a long stone pier. Every evening the keeper",
+]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("insertion", ["insert", "rebuild"])
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_greedy_equals_transformers_with_late_insertions(tiny_model_dir, tokenizer, reference, prompt_ids, insertion, batch_size):
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=batch_size, insertion=insertion)
+    # Requests arrive while others are mid-decode; different prompt lengths and output lengths.
+    arrivals = {0: [request(0, prompt_ids[0], 12)], 3: [request(1, prompt_ids[1], 20), request(2, prompt_ids[2], 7)],
+                4: [request(3, prompt_ids[3], 15)], 9: [request(4, prompt_ids[4], 10), request(5, prompt_ids[5], 18)]}
+    events = run(engine, arrivals)
+    for reqs in arrivals.values():
+        for req in reqs:
+            assert token_ids(events[req.id]) == reference(req.input_ids, req.stopping.max_new_tokens), req.id
+    assert engine.batch.free_rows() == list(range(batch_size))
+
+
+def test_insert_4_steps_late_gives_the_same_tokens_as_alone(tiny_model_dir, tokenizer, reference, prompt_ids):
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=2)
+    alone = token_ids(run(engine, {0: [request("a", prompt_ids[0], 10)]})["a"])
+    together = run(engine, {0: [request("b", prompt_ids[2], 20)], 4: [request("a", prompt_ids[0], 10)]})
+    assert token_ids(together["a"]) == alone == reference(prompt_ids[0], 10)
+
+
+def test_full_batch_of_identical_prompts(tiny_model_dir, tokenizer, reference, prompt_ids):
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=4)
+    events = run(engine, {0: [request(i, prompt_ids[3], 12) for i in range(6)]})  # 6 requests, 4 rows
+    for i in range(6):
+        assert token_ids(events[str(i)]) == reference(prompt_ids[3], 12)
+
+
+def test_final_event_reports_text_and_counts(tiny_model_dir, tokenizer, prompt_ids):
+    engine = make_engine(tiny_model_dir, tokenizer)
+    events = run(engine, {0: [request("x", prompt_ids[0], 9)]})["x"]
+    finish = events[-1].finish
+    assert [e.index for e in events] == list(range(1, 10))
+    assert all(e.finish is None for e in events[:-1])
+    assert finish.reason == FinishReason.LENGTH and finish.generated_tokens == 9
+    assert finish.generated_text == tokenizer.decode(token_ids(events), skip_special_tokens=True)
+    assert "".join(e.token.text for e in events) == finish.generated_text
+    assert finish.seed is None and finish.queue_time >= 0 and finish.inference_time > 0
+
+
+class CancelDuringPrefill:
+    """Wraps a backend; cancels a request while a prefill that contains it is running."""
+
+    def __init__(self, backend, engine_ref, request_id):
+        self.inner, self.engine_ref, self.request_id = backend, engine_ref, request_id
+        for name in ("batch_size", "max_tokens", "vocab_size", "prefills_subset", "description"):
+            setattr(self, name, getattr(backend, name))
+
+    def prefill(self, rows, token_ids, prompt_logprobs=False):
+        self.engine_ref[0].cancel(self.request_id)
+        return self.inner.prefill(rows, token_ids, prompt_logprobs)
+
+    def decode(self, rows, token_ids, positions):
+        return self.inner.decode(rows, token_ids, positions)
+
+
+@pytest.mark.parametrize("insertion", ["insert", "rebuild"])
+def test_cancel_waiting_prefilling_and_decoding_frees_only_that_request(tiny_model_dir, tokenizer, reference, prompt_ids, insertion):
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=2, insertion=insertion)
+    keep = [request("keep", prompt_ids[2], 25)]
+    arrivals = {0: keep + [request("decoding", prompt_ids[0], 25), request("waiting", prompt_ids[1], 25)]}
+
+    def on_step(step, engine, events):
+        if step == 2:  # "waiting" has no row yet: batch size 2
+            assert engine.batch.find("waiting") is None
+            engine.cancel("waiting")
+        if step == 6:
+            assert len(events["decoding"]) >= 3
+            engine.cancel("decoding")
+        if step == 7:  # the next step freed its row
+            assert engine.batch.find("decoding") is None and len(engine.batch.free_rows()) == 1
+
+    events = run(engine, arrivals, on_step=on_step)
+    assert "waiting" not in events
+    assert events["decoding"][-1].finish is None and len(events["decoding"]) < 25
+    assert token_ids(events["keep"]) == reference(prompt_ids[2], 25)
+    assert engine.batch.free_rows() == [0, 1]
+
+    # Cancelled while its prefill runs: at most its first token comes out, then its row is free.
+    holder = [None]
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=2, insertion=insertion)
+    engine.backend = CancelDuringPrefill(engine.backend, holder, "victim")
+    holder[0] = engine
+    events = run(engine, {0: [request("keep", prompt_ids[2], 25)], 3: [request("victim", prompt_ids[0], 25)]})
+    assert len(events["victim"]) <= 1 and events["victim"][-1].finish is None
+    assert token_ids(events["keep"]) == reference(prompt_ids[2], 25)
+    assert engine.batch.free_rows() == [0, 1]
+
+
+class FailingDecode:
+    def __init__(self, backend, fail_at_call):
+        self.inner, self.calls, self.fail_at_call = backend, 0, fail_at_call
+        for name in ("batch_size", "max_tokens", "vocab_size", "prefills_subset", "description"):
+            setattr(self, name, getattr(backend, name))
+
+    def prefill(self, rows, token_ids, prompt_logprobs=False):
+        return self.inner.prefill(rows, token_ids, prompt_logprobs)
+
+    def decode(self, rows, token_ids, positions):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise RuntimeError("device fault")
+        return self.inner.decode(rows, token_ids, positions)
+
+
+def test_failed_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir, tokenizer, reference, prompt_ids):
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=2)
+    engine.backend = FailingDecode(engine.backend, fail_at_call=3)
+    events = run(engine, {0: [request("a", prompt_ids[0], 10), request("b", prompt_ids[1], 10)],
+                          20: [request("c", prompt_ids[2], 10)]})
+    for rid in ("a", "b"):
+        assert isinstance(events[rid][-1], ErrorEvent) and "device fault" in events[rid][-1].message
+    assert token_ids(events["c"]) == reference(prompt_ids[2], 10)
+    assert engine.batch.free_rows() == [0, 1]

@@ -1,0 +1,104 @@
+"""Sampling: seeds that hold whatever the batch, processors that match transformers, real logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuron_serve.request import SamplingParams
+from neuron_serve.sampler import RequestSampler, choose
+
+from .helpers import make_engine, request, run, token_ids
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tokenizer):
+    return make_engine(tiny_model_dir, tokenizer, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer):
+    return tokenizer("Once upon a time").input_ids
+
+
+def sampled(**params):
+    return dict(do_sample=True, **params)
+
+
+def test_same_seed_same_tokens_alone_and_in_a_busy_batch(engine, tokenizer, prompt):
+    params = sampled(seed=42, temperature=0.8, top_k=50, top_p=0.95)
+    alone = token_ids(run(engine, {0: [request("s", prompt, 20, **params)]})["s"])
+    others = [request(f"o{i}", tokenizer(t).input_ids, 30, **sampled(temperature=1.3))
+              for i, t in enumerate(["Hello", "The sea is wide", "def fibonacci(n):"])]
+    busy = run(engine, {0: others[:2], 2: [request("s", prompt, 20, **params)], 3: others[2:]})
+    assert token_ids(busy["s"]) == alone
+    again = run(engine, {0: [request("s", prompt, 20, **params)]})
+    assert token_ids(again["s"]) == alone and again["s"][-1].finish.seed == 42
+
+
+def test_different_seeds_differ_and_unseeded_requests_report_their_seed(engine, prompt):
+    a = run(engine, {0: [request("a", prompt, 20, **sampled(seed=1))]})["a"]
+    b = run(engine, {0: [request("b", prompt, 20, **sampled(seed=2))]})["b"]
+    assert token_ids(a) != token_ids(b)
+    c = run(engine, {0: [request("c", prompt, 20, **sampled())]})["c"]
+    seed = c[-1].finish.seed
+    assert isinstance(seed, int)
+    replay = run(engine, {0: [request("d", prompt, 20, **sampled(seed=seed))]})["d"]
+    assert token_ids(replay) == token_ids(c)
+
+
+def test_top_k_1_is_greedy(engine, reference, prompt):
+    events = run(engine, {0: [request("k", prompt, 15, **sampled(top_k=1, seed=3))]})["k"]
+    assert token_ids(events) == reference(prompt, 15)
+
+
+def test_repetition_penalty_matches_transformers(engine, reference, prompt):
+    events = run(engine, {0: [request("r", prompt, 20, repetition_penalty=1.5)]})["r"]
+    assert token_ids(events) == reference(prompt, 20, repetition_penalty=1.5)
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.5), dict(top_k=5), dict(top_p=0.5), dict(typical_p=0.5),
+    dict(frequency_penalty=1.5), dict(repetition_penalty=1.2, temperature=1.5, top_k=20, top_p=0.9, typical_p=0.9),
+])
+def test_every_warper_and_penalty_runs_in_a_mixed_batch(engine, prompt, params):
+    events = run(engine, {0: [request("w", prompt, 12, **sampled(seed=5, **params)), request("g", prompt, 12)]})
+    assert len(events["w"]) == 12 and all(math.isfinite(e.token.logprob) for e in events["w"])
+
+
+def test_warpers_restrict_the_choice():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    for seed in range(20):
+        top2 = RequestSampler(SamplingParams(do_sample=True, top_k=2, seed=seed))
+        assert choose(logits, [top2], [[0]])[0].token_id in (0, 1)
+        nucleus = RequestSampler(SamplingParams(do_sample=True, top_p=0.5, seed=seed))
+        assert choose(logits, [nucleus], [[0]])[0].token_id == 0
+
+
+def test_frequency_penalty_lowers_repeated_tokens():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    plain = choose(logits, [RequestSampler(SamplingParams())], [[0, 0, 0, 1]])[0]
+    penalized = choose(logits, [RequestSampler(SamplingParams(frequency_penalty=2.0))], [[0, 0, 0, 1]])[0]
+    assert plain.token_id == 0 and penalized.token_id == 1
+
+
+def test_logprobs_of_generated_and_prompt_tokens_match_the_model(engine, hf_model, prompt):
+    events = run(engine, {0: [request("l", prompt, 8, prompt_logprobs=True, top_n_tokens=3)]})["l"]
+    generated = token_ids(events)
+    ids = torch.tensor([list(prompt) + generated])
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(hf_model(ids).logits[0].float(), dim=-1)
+    for k, event in enumerate(events):
+        position = len(prompt) - 1 + k
+        assert event.token.logprob == pytest.approx(logprobs[position, event.token.id].item(), abs=1e-4)
+        top = logprobs[position].topk(3)
+        assert [t.id for t in event.top_tokens] == top.indices.tolist()
+        assert [t.logprob for t in event.top_tokens] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert event.top_tokens[0].id == event.token.id  # greedy
+    prefill = events[0].prompt_tokens
+    assert [t.id for t in prefill] == list(prompt) and math.isnan(prefill[0].logprob)
+    for k in range(1, len(prompt)):
+        assert prefill[k].logprob == pytest.approx(logprobs[k - 1, prompt[k]].item(), abs=1e-4)
+    assert all(e.prompt_tokens is None for e in events[1:])
