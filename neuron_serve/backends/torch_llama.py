@@ -2,9 +2,9 @@
 
 In the manner of gpt-fast: the cache is preallocated once at `[batch_size, kv_heads, max_tokens + 1,
 head_dim]` per layer and written at explicit per-row positions, which is also how a compiled Neuron
-graph works. Parameter names are Hugging Face's, so any `LlamaForCausalLM` safetensors checkpoint
-loads as is, and the arithmetic follows `transformers`' Llama step for step (RMSNorm in float32, the
-same rotary tables), so greedy tokens match `generate`.
+graph works. Weights are read from any Hugging Face `LlamaForCausalLM` safetensors checkpoint (q/k/v
+and gate/up fused into one matmul each), and the arithmetic follows `transformers`' Llama step for
+step (RMSNorm in float32, the same rotary tables), so greedy tokens match `generate`.
 
 Every row's result depends on that row only: a prefill runs just the rows it names, right-padded to a
 common length (the causal mask already keeps a row's real tokens away from its padding), and a decode
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import PrefillOutput
 
@@ -30,17 +30,11 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -48,69 +42,45 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class Attention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        bias = getattr(config, "attention_bias", False)
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
+@dataclass
+class Layer:
+    """One decoder layer's weights; q/k/v and gate/up fused into one matmul each."""
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        # x: [B, S, hidden]; cos, sin: [B, 1, S, head_dim] → q [B, H, S, D], k and v [B, KVH, S, D]
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k, v
-
-    def output(self, attn: torch.Tensor) -> torch.Tensor:
-        b, _, s, _ = attn.shape  # [B, H, S, D]
-        return self.o_proj(attn.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(H + 2 KVH) x D, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 x intermediate, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
 
 
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def _cat(*tensors):
+    return None if tensors[0] is None else torch.cat(tensors)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
-
-
-class Decoder(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class LlamaForStaticBatch(nn.Module):
-    """Hugging Face's Llama parameters with a forward written for a static, per-row KV cache."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+def build_layers(state: dict[str, torch.Tensor], n_layers: int) -> list[Layer]:
+    """Take Hugging Face's per-layer tensors out of `state` (freeing them as it goes)."""
+    layers = []
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        get = lambda name: state.pop(p + name, None)  # noqa: E731
+        layers.append(Layer(
+            input_norm=get("input_layernorm.weight"),
+            qkv=_cat(get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"), get("self_attn.v_proj.weight")),
+            qkv_bias=_cat(get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias")),
+            o=get("self_attn.o_proj.weight"),
+            o_bias=get("self_attn.o_proj.bias"),
+            post_norm=get("post_attention_layernorm.weight"),
+            gate_up=_cat(get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")),
+            gate_up_bias=_cat(get("mlp.gate_proj.bias"), get("mlp.up_proj.bias")),
+            down=get("mlp.down_proj.weight"),
+            down_bias=get("mlp.down_proj.bias"),
+        ))
+    return layers
 
 
 def rotary_tables(config, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,30 +142,55 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.description = f"torch {self.device.type} {dtype}"
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.attn_scale = self.head_dim**-0.5
 
-        with torch.device("meta"):
-            model = LlamaForStaticBatch(config)
-        state = _load_state_dict(model_dir)
-        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-        if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.attn_scale = self.model.model.layers[0].self_attn.head_dim ** -0.5
+        state = {k: v.to(self.device, self.dtype) for k, v in _load_state_dict(model_dir).items()}
+        self.embed = state.pop("model.embed_tokens.weight")
+        self.norm = state.pop("model.norm.weight")
+        self.lm_head = state.pop("lm_head.weight", None)
+        if self.lm_head is None:
+            if not getattr(config, "tie_word_embeddings", False):
+                raise ValueError(f"{model_dir} has no lm_head.weight and does not tie word embeddings")
+            self.lm_head = self.embed
+        self.layers = build_layers(state, config.num_hidden_layers)
+        unused = [k for k in state if not k.endswith("rotary_emb.inv_freq")]
+        if unused or any(layer.qkv is None for layer in self.layers):
+            raise ValueError(f"{model_dir} is not a Llama checkpoint this backend can read (unexpected: {unused[:5]})")
 
         # One scratch position past the end, where decode writes for filler rows (never attended to).
         self.scratch_position = max_tokens
         cos, sin = rotary_tables(config, max_tokens + 1)
         self.cos = cos.to(self.device, self.dtype)
         self.sin = sin.to(self.device, self.dtype)
-        attn = self.model.model.layers[0].self_attn
-        shape = (batch_size, attn.kv_heads, max_tokens + 1, attn.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.model.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.model.layers]
-        logger.info("torch backend: %s, %d rows x %d tokens", model_dir, batch_size, max_tokens)
+        shape = (batch_size, self.kv_heads, max_tokens + 1, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        logger.info("torch backend: %s, %d rows x %d tokens, %s", model_dir, batch_size, max_tokens, self.description)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _attention_inputs(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        # x: [B, S, hidden]; cos, sin broadcast to [B, 1, S, D] → q [B, H, S, D], k and v [B, KVH, S, D]
+        b, s, _ = x.shape
+        qkv = F.linear(rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2).split(
+            [self.heads, self.kv_heads, self.kv_heads], dim=1
+        )
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def _finish_layer(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, _, s, _ = attn.shape  # [B, H, S, D]
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), layer.o, layer.o_bias)
+        gate, up = F.linear(rms_norm(x, layer.post_norm, self.eps), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(hidden, self.norm, self.eps), self.lm_head).float()
 
     @torch.inference_mode()
     def prefill(
@@ -205,23 +200,21 @@ class TorchBackend:
         width = max(lengths)
         padded = self._tensor([list(ids) + [0] * (width - len(ids)) for ids in token_ids])  # [B, S]
         row_index = self._tensor(list(rows))
-        cos, sin = self.cos[:width][None, None], self.sin[:width][None, None]  # [1, 1, S, D]
+        cos, sin = self.cos[:width], self.sin[:width]  # [S, D], broadcast over [B, H]
 
-        x = self.model.model.embed_tokens(padded)
-        for layer, k_cache, v_cache in zip(self.model.model.layers, self.k_cache, self.v_cache):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+        x = F.embedding(padded, self.embed)
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            q, k, v = self._attention_inputs(layer, x, cos, sin)
             k_cache[row_index, :, :width] = k
             v_cache[row_index, :, :width] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attn_scale, enable_gqa=True)
-            x = x + attn.output(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attn_scale, enable_gqa=True)
+            x = self._finish_layer(layer, x, attn)
 
         last = x[torch.arange(len(rows), device=self.device), self._tensor(lengths) - 1]  # [B, hidden]
-        logits = self.model.lm_head(self.model.model.norm(last)).float()
+        logits = self._logits(last)
         if not prompt_logprobs:
             return PrefillOutput(logits=logits)
-        all_logprobs = torch.log_softmax(self.model.lm_head(self.model.model.norm(x)).float(), dim=-1)
+        all_logprobs = torch.log_softmax(self._logits(x), dim=-1)
         per_row = []
         for i, n in enumerate(lengths):
             chosen = all_logprobs[i, : n - 1].gather(-1, padded[i, 1:n, None])[:, 0]
@@ -241,16 +234,16 @@ class TorchBackend:
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
         mask = (torch.arange(context, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, L]
 
-        x = self.model.model.embed_tokens(self._tensor(span_tokens)[:, None])  # [B, 1, hidden]
-        for layer, k_cache, v_cache in zip(self.model.model.layers, self.k_cache, self.v_cache):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+        x = F.embedding(self._tensor(span_tokens)[:, None], self.embed)  # [B, 1, hidden]
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            q, k, v = self._attention_inputs(layer, x, cos, sin)
             k_cache[span_rows, :, pos] = k[:, :, 0]
             v_cache[span_rows, :, pos] = v[:, :, 0]
             keys, values = k_cache[first : last + 1, :, :context], v_cache[first : last + 1, :, :context]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale, enable_gqa=True)
-            x = x + attn.output(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale, enable_gqa=True)
+            x = self._finish_layer(layer, x, attn)
 
-        wanted = self._tensor([row - first for row in rows])
-        return self.model.lm_head(self.model.model.norm(x[wanted, 0])).float()
+        wanted = [row - first for row in rows]
+        if wanted != list(range(len(span_tokens))):
+            x = x[self._tensor(wanted)]
+        return self._logits(x[:, 0])

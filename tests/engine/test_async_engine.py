@@ -1,0 +1,75 @@
+"""The step loop on its thread: concurrent callers, batched hand-over, cancellation by walking away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from neuron_serve.async_engine import AsyncEngine
+from neuron_serve.request import TokenEvent
+
+from .helpers import make_engine, request
+
+
+@pytest.fixture
+def async_engine(tiny_model_dir, tokenizer):
+    engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2))
+    yield engine
+    engine.stop()
+
+
+async def collect(engine, req, delay=0.0):
+    events = []
+    async for chunk in engine.generate(req):
+        events.extend(chunk)
+        await asyncio.sleep(delay)
+    return events
+
+
+def test_concurrent_callers_get_their_own_tokens(async_engine, tokenizer, reference):
+    prompts = [tokenizer(p).input_ids for p in ["Hello", "What is Deep Learning?", "Once upon a time"]]
+
+    async def main():
+        async_engine.start()
+        return await asyncio.gather(*(collect(async_engine, request(i, p, 12)) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(main())
+    for prompt, events in zip(prompts, results):
+        assert [e.token.id for e in events] == reference(prompt, 12)
+        assert isinstance(events[-1], TokenEvent) and events[-1].finish is not None
+
+
+def test_a_slow_caller_gets_piled_up_events_in_one_list(async_engine, tokenizer, reference):
+    prompt = tokenizer("Hello").input_ids
+
+    async def main():
+        async_engine.start()
+        chunks = []
+        async for chunk in async_engine.generate(request("slow", prompt, 30)):
+            chunks.append(chunk)
+            await asyncio.sleep(0.05)
+        return chunks
+
+    chunks = asyncio.run(main())
+    assert [e.token.id for c in chunks for e in c] == reference(prompt, 30)
+    assert len(chunks) < 30
+
+
+def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, reference):
+    prompt = tokenizer("Hello").input_ids
+
+    async def main():
+        async_engine.start()
+        stream = async_engine.generate(request("gone", prompt, 200))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):
+            if not async_engine.engine.batch.active():
+                break
+            await asyncio.sleep(0.01)
+        assert async_engine.engine.batch.free_rows() == [0, 1] and async_engine.in_flight == 0
+        return await collect(async_engine, request("next", prompt, 8))
+
+    assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 8)
