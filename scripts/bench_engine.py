@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from collections import deque
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests in the arrival trace")
     parser.add_argument("--rate", type=float, default=12.0, help="Poisson arrival rate, requests per second")
     parser.add_argument("--steps", type=int, default=300, help="decode steps for the raw and steady-state runs")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/engine rounds (medians are reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratios", default="0,0.5,1.2", help="waiting_served_ratio values to compare (insert)")
     args = parser.parse_args()
@@ -154,8 +156,12 @@ def main() -> None:
 
     engine = make_engine(config, model_dir, tokenizer)
     bench_raw(engine, batch_prompts, 20)  # warm-up
-    raw = bench_raw(engine, batch_prompts, args.steps)
-    steady = bench_engine_steady(engine, batch_prompts, args.steps)
+    # Alternate the two, several rounds, and take medians: the machine's speed drifts.
+    raws, steadies = [], []
+    for _ in range(args.rounds):
+        raws.append(bench_raw(engine, batch_prompts, args.steps))
+        steadies.append(bench_engine_steady(engine, batch_prompts, args.steps))
+    raw, steady = statistics.median(raws), statistics.median(steadies)
 
     trace = make_trace(tokenizer, args.requests, args.rate, args.seed)
     results = {

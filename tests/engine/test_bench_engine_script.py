@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_engine_prints_the_summary_keys():
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_engine.py"), "--requests", "6", "--rate", "50",
-         "--steps", "5", "--ratios", "0"],
+         "--steps", "5", "--rounds", "1", "--ratios", "0"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     summary = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,310 @@
+"""The HTTP surface: TGI's routes (and the OpenAI ones TGI serves) on a FastAPI app.
+
+Routes only translate: read the body into its schema, call `TextGeneration`, send JSON or SSE.
+Errors become HTTP in one place (`ServeError` → status by `error_type`), always in TGI's body shape
+`{"error", "error_type"}` — also for what TGI's framework answers in plain text (bad JSON 400,
+wrong shape 422, wrong content type 415, body too large 413, missing key 401), so every client can
+parse every error. Auth, body size and CORS are plain ASGI middleware that never buffer a stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from neuron_serve.config import Config
+from neuron_serve.errors import ServeError
+
+from . import schemas as S
+from .service import TextGeneration, error_message
+
+T = TypeVar("T", bound=pydantic.BaseModel)
+
+STATUS_BY_ERROR_TYPE = {
+    "validation": 422,
+    "template_error": 422,
+    "tool_error": 422,
+    "batch size exceeded": 422,
+    "suffix not supported": 422,
+    "overloaded": 429,
+    "generation": 424,
+    "incomplete_generation": 500,
+    "unhealthy": 503,
+}
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class Operations(Protocol):
+    """What the HTTP layer asks of the deployment around it."""
+
+    async def health(self) -> bool: ...
+    async def info(self) -> dict[str, Any]: ...
+    async def metrics(self) -> str: ...
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, error_type: str, message: str):
+        self.status, self.error_type, self.message = status, error_type, message
+
+
+def error_response(status: int, error_type: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
+
+
+async def read_body(request: Request, model: type[T]) -> T:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not (content_type.startswith("application/") and content_type.endswith("+json")):
+        raise HTTPError(415, "unsupported_media_type", "Expected request with `Content-Type: application/json`")
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except pydantic.ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise HTTPError(400, "invalid_json", f"Failed to parse the request body as JSON: {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        raise HTTPError(422, "validation", f"Failed to deserialize the JSON body into the target type: {detail}") from None
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, by its Content-Length or as it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.limit:
+            return await self._reject(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPError(413, "payload_too_large", "Failed to buffer the request body: length limit exceeded")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _reject(self, scope, receive, send):
+        response = error_response(413, "payload_too_large", "Failed to buffer the request body: length limit exceeded")
+        await response(scope, receive, send)
+
+
+class ApiKey:
+    """`Authorization: Bearer <key>` on every route but the open ones; compared in constant time."""
+
+    def __init__(self, app: ASGIApp, key: str, open_paths: set[str]):
+        self.app, self.expected, self.open_paths = app, f"Bearer {key}".encode(), open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            response = error_response(401, "unauthorized", "Unauthorized: a valid `Authorization: Bearer <API_KEY>` header is required")
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> FastAPI:
+    app = FastAPI(
+        title="neuron-serve",
+        description="Text Generation Inference API on AWS Inferentia2, served by Ray Serve",
+        version=service.version,
+        docs_url="/docs",
+        openapi_url="/api-doc/openapi.json",
+        redoc_url=None,
+    )
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError):
+        return error_response(e.status, e.error_type, e.message)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, e: ServeError):
+        return error_response(STATUS_BY_ERROR_TYPE.get(e.error_type, 500), e.error_type, error_message(e))
+
+    def sse(body, characters: int) -> StreamingResponse:
+        headers = {**SSE_HEADERS, "x-compute-type": service.compute_type, "x-compute-characters": str(characters)}
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+    compat_full_text = True  # TGI: true for a text-generation model or an unknown pipeline tag
+
+    # -- TGI generation ----------------------------------------------------------------------------
+
+    @app.post("/generate", tags=["Text Generation Inference"], summary="Generate tokens",
+              response_model=S.GenerateResponse, responses=_errors())
+    async def generate(request: Request):
+        body = await read_body(request, S.GenerateRequest)
+        result, headers = await service.generate(body)
+        return JSONResponse(result, headers=headers)
+
+    @app.post("/generate_stream", tags=["Text Generation Inference"], summary="Generate a stream of token using Server-Sent Events",
+              responses={200: {"model": S.StreamResponse, "content": {"text/event-stream": {}}}, **_errors()})
+    async def generate_stream(request: Request):
+        body = await read_body(request, S.GenerateRequest)
+        return sse(service.generate_stream(body), len(body.inputs))
+
+    @app.post("/", tags=["Text Generation Inference"], summary="Generate tokens if `stream == false` or a stream of token if `stream == true`",
+              response_model=list[S.GenerateResponse], responses=_errors())
+    async def compat_generate(request: Request):
+        return await _compat(await read_body(request, S.CompatGenerateRequest))
+
+    async def _compat(body: S.CompatGenerateRequest):
+        if body.stream:
+            return sse(service.generate_stream(body, return_full_text_default=compat_full_text), len(body.inputs))
+        result, headers = await service.generate(body, return_full_text_default=compat_full_text)
+        return JSONResponse([result], headers=headers)
+
+    # -- OpenAI ------------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions", tags=["Text Generation Inference"], summary="Generate tokens (OpenAI chat)",
+              response_model=S.ChatCompletion, responses=_errors())
+    async def chat_completions(request: Request):
+        return await _chat(await read_body(request, S.ChatRequest))
+
+    async def _chat(body: S.ChatRequest):
+        if body.stream:
+            prompt_chars = len(service.chat_prompt(body))
+            return sse(service.chat_stream(body), prompt_chars)
+        result, headers = await service.chat(body)
+        return JSONResponse(result, headers=headers)
+
+    @app.post("/v1/completions", tags=["Text Generation Inference"], summary="Complete a prompt (OpenAI legacy completions)",
+              response_model=S.Completion, responses=_errors())
+    async def completions(request: Request):
+        return await _completions(await read_body(request, S.CompletionRequest))
+
+    async def _completions(body: S.CompletionRequest):
+        if body.stream:
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            return sse(service.completions_stream(body), sum(len(p) for p in prompts))
+        result, headers = await service.completions(body)
+        return JSONResponse(result, headers=headers)
+
+    @app.get("/v1/models", tags=["Text Generation Inference"], summary="The served model", response_model=S.ModelList)
+    async def models():
+        card = {"id": service.model_id, "object": "model", "created": 0, "owned_by": service.model_id}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/invocations", tags=["Text Generation Inference"], summary="SageMaker: a generate, chat or completions body",
+              responses=_errors())
+    async def invocations(request: Request):
+        raw = await request.body()
+        try:
+            keys = json.loads(raw) if raw else None
+        except ValueError:
+            keys = None
+        if isinstance(keys, dict) and "inputs" in keys:
+            return await _compat(await read_body(request, S.CompatGenerateRequest))
+        if isinstance(keys, dict) and "messages" in keys:
+            return await _chat(await read_body(request, S.ChatRequest))
+        if isinstance(keys, dict) and "prompt" in keys:
+            return await _completions(await read_body(request, S.CompletionRequest))
+        await read_body(request, S.CompatGenerateRequest)  # raises the parse error this body deserves
+        raise HTTPError(422, "validation", "Failed to deserialize the JSON body into the target type: "
+                        "data did not match any variant of untagged enum SagemakerRequest")
+
+    # -- tokens ------------------------------------------------------------------------------------
+
+    @app.post("/tokenize", tags=["Text Generation Inference"], summary="Tokenize inputs", response_model=list[S.SimpleToken],
+              responses=_errors())
+    async def tokenize(request: Request):
+        body = await read_body(request, S.GenerateRequest)
+        return service.tokenize(body.inputs)
+
+    @app.post("/chat_tokenize", tags=["Text Generation Inference"], summary="Template and tokenize a chat request",
+              response_model=S.ChatTokenizeResponse, responses=_errors())
+    async def chat_tokenize(request: Request):
+        body = await read_body(request, S.ChatRequest)
+        text = service.chat_prompt(body)
+        return {"tokenize_response": service.tokenize(text, add_special_tokens=False), "templated_text": text}
+
+    # -- operations --------------------------------------------------------------------------------
+
+    async def health_check():
+        if await ops.health():
+            return Response(status_code=200)
+        return error_response(503, "healthcheck", "unhealthy")
+
+    for path in ("/health", "/ping"):
+        app.add_api_route(path, health_check, methods=["GET"], tags=["Text Generation Inference"],
+                          summary="Health check: 200 once a replica has produced a token", responses={503: {"model": S.ErrorResponse}})
+    app.add_api_route("/", health_check, methods=["GET"], include_in_schema=False)
+
+    @app.get("/info", tags=["Text Generation Inference"], summary="Text Generation Inference endpoint info", response_model=S.Info)
+    async def info():
+        return await ops.info()
+
+    @app.get("/metrics", tags=["Text Generation Inference"], summary="Prometheus metrics scrape endpoint",
+             response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(await ops.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    _document_request_bodies(app)
+
+    if config.api_key is not None:
+        app.add_middleware(ApiKey, key=config.api_key.get_secret_value(), open_paths={"/health", "/ping"})
+    app.add_middleware(BodyLimit, limit=config.payload_limit)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=config.cors_allow_origin or ["*"],
+        allow_methods=["GET", "POST"],
+        allow_headers=["content-type", "authorization"],
+    )
+    return app
+
+
+def _errors() -> dict:
+    return {status: {"model": S.ErrorResponse} for status in (413, 422, 424, 429, 500)}
+
+
+REQUEST_BODIES = {
+    "/generate": S.GenerateRequest,
+    "/generate_stream": S.GenerateRequest,
+    "/": S.CompatGenerateRequest,
+    "/v1/chat/completions": S.ChatRequest,
+    "/v1/completions": S.CompletionRequest,
+    "/tokenize": S.GenerateRequest,
+    "/chat_tokenize": S.ChatRequest,
+}
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Routes read their bodies themselves (to answer errors TGI's way); put the schemas in the spec."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, definitions = pydantic.json_schema.models_json_schema(
+            [(m, "validation") for m in set(REQUEST_BODIES.values())], ref_template="#/components/schemas/{model}"
+        )
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))
+        for path, model in REQUEST_BODIES.items():
+            spec["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi

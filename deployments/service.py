@@ -1,0 +1,327 @@
+"""The one generation path behind every route: permit → validate → run on a batcher → shape the answer.
+
+`TextGeneration` knows nothing of Ray: it is given an `EventSource` (a batcher handle in production,
+a local engine in benchmarks) and returns plain JSON-able dicts or SSE byte chunks. Routes only
+translate their body into `GenerateParameters` and call one of the methods here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Protocol
+
+from neuron_serve.config import Config, Limits
+from neuron_serve.errors import OverloadedError, ServeError, ValidationError
+from neuron_serve.request import ErrorEvent, Event, GenerationRequest
+
+from . import responses as R
+from .schemas import ChatRequest, CompletionRequest, GenerateParameters, GenerateRequest
+from .validation import ValidRequest, Validator
+
+
+class EventSource(Protocol):
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """The request's events, in order, ending with a finished `TokenEvent` or an `ErrorEvent`."""
+        ...
+
+
+class ToolError(ServeError):
+    error_type = "tool_error"
+
+
+class BatchSizeError(ServeError):
+    error_type = "batch size exceeded"
+
+
+class SuffixError(ServeError):
+    error_type = "suffix not supported"
+
+
+def error_message(error: ServeError) -> str:
+    """TGI's wording: validation errors carry a prefix, the others speak for themselves."""
+    if error.error_type == "validation":
+        return f"Input validation error: {error.message}"
+    return error.message
+
+
+class Permits:
+    """At most `limit` requests in flight in this ingress; beyond that, 429 at once (never queued)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+
+    @contextlib.contextmanager
+    def take(self):
+        if self.in_use >= self.limit:
+            raise OverloadedError("Model is overloaded")
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+
+
+@dataclass
+class Timings:
+    """What the x-* headers report, in seconds."""
+
+    start: float
+    validated: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+    generated_tokens: int = 0
+    input_length: int = 0
+    characters: int = 0
+
+    def headers(self, compute_type: str) -> dict[str, str]:
+        total = time.monotonic() - self.start
+        per_token = self.inference / self.generated_tokens if self.generated_tokens else 0.0
+        ms = lambda s: str(int(s * 1000))  # noqa: E731
+        return {
+            "x-compute-type": compute_type,
+            "x-compute-time": f"{total:.9f}",
+            "x-compute-characters": str(self.characters),
+            "x-total-time": ms(total),
+            "x-validation-time": ms(self.validated - self.start),
+            "x-queue-time": ms(self.queue),
+            "x-inference-time": ms(self.inference),
+            "x-time-per-token": ms(per_token),
+            "x-prompt-tokens": str(self.input_length),
+            "x-generated-tokens": str(self.generated_tokens),
+        }
+
+
+class TextGeneration:
+    def __init__(self, config: Config, limits: Limits, tokenizer, source: EventSource, model_id: str, compute_type: str):
+        self.config = config
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.source = source
+        self.validator = Validator(tokenizer, config, limits)
+        self.permits = Permits(config.max_concurrent_requests)
+        self.model_id = model_id
+        self.compute_type = compute_type
+        from neuron_serve import __version__
+
+        self.version = __version__
+        self.system_fingerprint = f"{__version__}-native"
+
+    # -- TGI ---------------------------------------------------------------------------------------
+
+    async def generate(self, body: GenerateRequest, return_full_text_default: bool = False) -> tuple[dict, dict[str, str]]:
+        timings = Timings(time.monotonic(), characters=len(body.inputs))
+        best_of = body.parameters.best_of
+        if best_of is not None and best_of > 1:
+            self.validator.validate_best_of(best_of)
+        with self.permits.take():
+            valid = self.validator.validate(body.inputs, body.parameters, return_full_text_default=return_full_text_default)
+            timings.validated = time.monotonic()
+            runs = await asyncio.gather(*(R.gather(self.source.stream(r)) for r in self._best_of_requests(valid)))
+        best = max(runs, key=lambda g: g.mean_logprob)
+        others = [g for g in runs if g is not best]
+        self._finish_timings(timings, valid, best)
+        return R.generate_response(valid, best, others), timings.headers(self.compute_type)
+
+    def _best_of_requests(self, valid: ValidRequest) -> list[GenerationRequest]:
+        if valid.best_of == 1:
+            return [valid.request]
+        # Each sequence samples with its own random seed (`seed` with best_of > 1 was refused).
+        return [replace(valid.request, id=uuid.uuid4().hex) for _ in range(valid.best_of)]
+
+    @staticmethod
+    def _finish_timings(timings: Timings, valid: ValidRequest, g: R.Generated) -> None:
+        timings.queue = g.finish.queue_time
+        timings.inference = g.finish.inference_time
+        timings.generated_tokens = g.finish.generated_tokens
+        timings.input_length = valid.input_length
+
+    async def generate_stream(self, body: GenerateRequest, return_full_text_default: bool = False) -> AsyncIterator[bytes]:
+        """TGI's stream: errors, validation ones included, arrive as one event on an HTTP 200."""
+        try:
+            p = body.parameters
+            if (1 if p.best_of is None else p.best_of) != 1:
+                raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+            if p.decoder_input_details:
+                raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+            with self.permits.take():
+                valid = self.validator.validate(body.inputs, p, return_full_text_default=return_full_text_default)
+                async for event in self.source.stream(valid.request):
+                    if isinstance(event, ErrorEvent):
+                        R.raise_for(event)
+                    yield R.sse(R.stream_event(valid, event))
+                    if event.finish is not None:
+                        return
+            yield R.sse(R.error_json("incomplete_generation_stream", "Incomplete generation stream"))
+        except ServeError as e:
+            yield R.sse(R.error_json(e.error_type, error_message(e)))
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[dict]:
+        """Tokens with byte offsets into `text`, as TGI's /tokenize reports them."""
+        encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        data = text.encode()
+        byte_at = _char_to_byte_offsets(text)
+        out = []
+        for token_id, (start, stop), special in zip(encoding.ids, encoding.offsets, encoding.special_tokens_mask):
+            if special:
+                out.append({"id": token_id, "text": "", "start": 0, "stop": 0})
+                continue
+            b0, b1 = byte_at[start], byte_at[stop]
+            out.append({"id": token_id, "text": data[b0:b1].decode(errors="replace"), "start": b0, "stop": b1})
+        return out
+
+    # -- OpenAI ------------------------------------------------------------------------------------
+
+    def _openai_context(self, model: str | None, logprobs: bool = False, include_usage: bool = False) -> R.OpenAIContext:
+        name = model if model and model != "tgi" else self.model_id
+        return R.OpenAIContext(name, self.system_fingerprint, logprobs, include_usage)
+
+    def chat_prompt(self, chat: ChatRequest) -> str:
+        if chat.tools:
+            raise ToolError("Tool error: tool calls need grammar support, which this server does not have")
+        return self.validator.render_chat(chat)
+
+    @staticmethod
+    def chat_parameters(chat: ChatRequest) -> GenerateParameters:
+        greedy = chat.temperature is not None and chat.temperature == 0.0
+        return GenerateParameters(
+            do_sample=not greedy,
+            temperature=None if greedy else chat.temperature,
+            top_p=chat.top_p,
+            frequency_penalty=chat.frequency_penalty,
+            max_new_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens,
+            stop=chat.stop or [],
+            seed=chat.seed,
+            top_n_tokens=chat.top_logprobs,
+            details=True,
+            grammar=chat.response_format,
+        )
+
+    async def chat(self, chat: ChatRequest) -> tuple[dict, dict[str, str]]:
+        prompt = self.chat_prompt(chat)
+        timings = Timings(time.monotonic(), characters=len(prompt))
+        ctx = self._openai_context(chat.model, logprobs=bool(chat.logprobs))
+        with self.permits.take():
+            valid = self.validator.validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
+            timings.validated = time.monotonic()
+            generated = await R.gather(self.source.stream(valid.request))
+        self._finish_timings(timings, valid, generated)
+        return R.chat_completion(ctx, valid, generated), timings.headers(self.compute_type)
+
+    async def chat_stream(self, chat: ChatRequest) -> AsyncIterator[bytes]:
+        """Chat chunks, then `data: [DONE]`; an error is one OpenAI-style event before [DONE]."""
+        ctx = self._openai_context(chat.model, bool(chat.logprobs), bool(chat.stream_options and chat.stream_options.include_usage))
+        prompt = self.chat_prompt(chat)  # template and tool errors are real HTTP errors, as in TGI
+        try:
+            with self.permits.take():
+                valid = self.validator.validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
+                async for event in self.source.stream(valid.request):
+                    if isinstance(event, ErrorEvent):
+                        R.raise_for(event)
+                    yield R.sse(R.chat_chunk(ctx, event))
+                    if event.finish is not None:
+                        if ctx.include_usage:
+                            yield R.sse(R.chat_usage_chunk(ctx, valid, event.finish))
+                        break
+                else:
+                    yield R.openai_stream_error("Incomplete generation stream")
+        except ServeError as e:
+            yield R.openai_stream_error(error_message(e))
+        yield R.DONE
+
+    def _completion_prompts(self, body: CompletionRequest) -> list[str]:
+        if body.suffix is not None:
+            raise SuffixError("Suffix is not supported and can be achieved by preprocessing the prompt.")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ValidationError("Empty array detected. Do not use an empty array for the prompt.")
+        if len(prompts) > self.config.max_client_batch_size:
+            raise BatchSizeError(
+                f"Number of prompts exceeds the maximum allowed batch size of {self.config.max_client_batch_size}"
+            )
+        return prompts
+
+    @staticmethod
+    def completion_parameters(body: CompletionRequest) -> GenerateParameters:
+        greedy = body.temperature is not None and body.temperature == 0.0
+        return GenerateParameters(
+            do_sample=not greedy,
+            temperature=None if greedy else body.temperature,
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty,
+            max_new_tokens=body.max_tokens,
+            stop=body.stop or [],
+            seed=body.seed,
+            details=True,
+        )
+
+    async def completions(self, body: CompletionRequest) -> tuple[dict, dict[str, str]]:
+        prompts = self._completion_prompts(body)
+        params = self.completion_parameters(body)
+        timings = Timings(time.monotonic(), characters=sum(len(p) for p in prompts))
+
+        async def one(index: int, prompt: str):
+            with self.permits.take():
+                valid = self.validator.validate(prompt, params)
+                return index, valid, await R.gather(self.source.stream(valid.request))
+
+        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        timings.validated = time.monotonic()
+        for _, valid, g in results:
+            timings.queue += g.finish.queue_time
+            timings.inference += g.finish.inference_time
+            timings.generated_tokens += g.finish.generated_tokens
+            timings.input_length += valid.input_length
+        headers = timings.headers(self.compute_type)
+        headers.pop("x-compute-time")
+        return R.completion(self._openai_context(body.model), results), headers
+
+    async def completions_stream(self, body: CompletionRequest) -> AsyncIterator[bytes]:
+        """Chunks of every prompt, interleaved as they come; then `data: [DONE]`."""
+        ctx = self._openai_context(body.model)
+        prompts = self._completion_prompts(body)
+        params = self.completion_parameters(body)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def one(index: int, prompt: str) -> None:
+            try:
+                with self.permits.take():
+                    valid = self.validator.validate(prompt, params)
+                    async for event in self.source.stream(valid.request):
+                        if isinstance(event, ErrorEvent):
+                            R.raise_for(event)
+                        await queue.put(R.sse(R.completion_chunk(ctx, index, valid, event)))
+                        if event.finish is not None:
+                            return
+                raise ServeError("Incomplete generation stream")
+            except ServeError as e:
+                await queue.put(R.openai_stream_error(error_message(e)))
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                else:
+                    yield item
+            yield R.DONE
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _char_to_byte_offsets(text: str) -> list[int]:
+    offsets = [0]
+    for ch in text:
+        offsets.append(offsets[-1] + len(ch.encode()))
+    return offsets
+
