@@ -183,8 +183,8 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
 
     async def _chat(body: S.ChatRequest):
         if body.stream:
-            prompt_chars = len(service.chat_prompt(body))
-            return sse(service.chat_stream(body), prompt_chars)
+            prompt = service.chat_prompt(body)
+            return sse(service.chat_stream(body, prompt), len(prompt))
         result, headers = await service.chat(body)
         return JSONResponse(result, headers=headers)
 

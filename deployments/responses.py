@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from neuron_serve.errors import GenerationError, IncompleteGenerationError, ServeError, ValidationError
+from neuron_serve.errors import IncompleteGenerationError, ServeError
 from neuron_serve.request import ErrorEvent, Event, Finish, Token
 
 from .validation import ValidRequest
@@ -55,9 +55,7 @@ class Generated:
 
 
 def raise_for(event: ErrorEvent) -> None:
-    error = {"validation": ValidationError, "generation": GenerationError}.get(event.error_type, ServeError)(event.message)
-    error.error_type = event.error_type
-    raise error
+    raise ServeError(event.message, event.error_type)
 
 
 async def gather(events: AsyncIterator[Event]) -> Generated:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator, Protocol
 
 from neuron_serve.config import Config, Limits
-from neuron_serve.errors import OverloadedError, ServeError, ValidationError
+from neuron_serve.errors import IncompleteGenerationError, OverloadedError, ServeError, ValidationError
 from neuron_serve.request import ErrorEvent, Event, GenerationRequest
 
 from . import responses as R
@@ -27,6 +27,31 @@ class EventSource(Protocol):
     def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """The request's events, in order, ending with a finished `TokenEvent` or an `ErrorEvent`."""
         ...
+
+
+class RequestMetrics(Protocol):
+    def received(self) -> None: ...
+    def validated(self, seconds: float, input_length: int, max_new_tokens: int) -> None: ...
+    def succeeded(self, total: float, queue: float, inference: float, generated_tokens: int) -> None: ...
+    def failed(self, err: str) -> None: ...
+
+
+class NoMetrics:
+    def received(self) -> None: ...
+    def validated(self, seconds: float, input_length: int, max_new_tokens: int) -> None: ...
+    def succeeded(self, total: float, queue: float, inference: float, generated_tokens: int) -> None: ...
+    def failed(self, err: str) -> None: ...
+
+
+# `tgi_request_failure{err}` labels, by error type.
+FAILURE_LABEL = {
+    "validation": "validation",
+    "overloaded": "overloaded",
+    "generation": "generation",
+    "incomplete_generation": "incomplete",
+    "incomplete_generation_stream": "incomplete",
+    "template_error": "template",
+}
 
 
 class ToolError(ServeError):
@@ -97,7 +122,9 @@ class Timings:
 
 
 class TextGeneration:
-    def __init__(self, config: Config, limits: Limits, tokenizer, source: EventSource, model_id: str, compute_type: str):
+    def __init__(self, config: Config, limits: Limits, tokenizer, source: EventSource, model_id: str,
+                 compute_type: str, metrics: RequestMetrics | None = None):
+        self.metrics = metrics or NoMetrics()
         self.config = config
         self.limits = limits
         self.tokenizer = tokenizer
@@ -111,18 +138,46 @@ class TextGeneration:
         self.version = __version__
         self.system_fingerprint = f"{__version__}-native"
 
+    @contextlib.contextmanager
+    def _accounted(self):
+        """Count one request; it ends as exactly one success (recorded by `_succeeded`) or one failure."""
+        self.metrics.received()
+        try:
+            yield
+        except ServeError as e:
+            self.metrics.failed(FAILURE_LABEL.get(e.error_type, e.error_type.replace(" ", "_")))
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.failed("dropped")
+            raise
+        except Exception:
+            self.metrics.failed("internal")
+            raise
+
+    def _validate(self, inputs: str, params: GenerateParameters, **kwargs) -> ValidRequest:
+        started = time.monotonic()
+        valid = self.validator.validate(inputs, params, **kwargs)
+        self.metrics.validated(time.monotonic() - started, valid.input_length, valid.max_new_tokens)
+        return valid
+
+    def _succeeded(self, started: float, g: R.Generated) -> None:
+        f = g.finish
+        self.metrics.succeeded(time.monotonic() - started, f.queue_time, f.inference_time, f.generated_tokens)
+
     # -- TGI ---------------------------------------------------------------------------------------
 
     async def generate(self, body: GenerateRequest, return_full_text_default: bool = False) -> tuple[dict, dict[str, str]]:
         timings = Timings(time.monotonic(), characters=len(body.inputs))
-        best_of = body.parameters.best_of
-        if best_of is not None and best_of > 1:
-            self.validator.validate_best_of(best_of)
-        with self.permits.take():
-            valid = self.validator.validate(body.inputs, body.parameters, return_full_text_default=return_full_text_default)
-            timings.validated = time.monotonic()
-            runs = await asyncio.gather(*(R.gather(self.source.stream(r)) for r in self._best_of_requests(valid)))
-        best = max(runs, key=lambda g: g.mean_logprob)
+        with self._accounted():
+            best_of = body.parameters.best_of
+            if best_of is not None and best_of > 1:
+                self.validator.validate_best_of(best_of)
+            with self.permits.take():
+                valid = self._validate(body.inputs, body.parameters, return_full_text_default=return_full_text_default)
+                timings.validated = time.monotonic()
+                runs = await asyncio.gather(*(R.gather(self.source.stream(r)) for r in self._best_of_requests(valid)))
+            best = max(runs, key=lambda g: g.mean_logprob)
+            self._succeeded(timings.start, best)
         others = [g for g in runs if g is not best]
         self._finish_timings(timings, valid, best)
         return R.generate_response(valid, best, others), timings.headers(self.compute_type)
@@ -142,21 +197,25 @@ class TextGeneration:
 
     async def generate_stream(self, body: GenerateRequest, return_full_text_default: bool = False) -> AsyncIterator[bytes]:
         """TGI's stream: errors, validation ones included, arrive as one event on an HTTP 200."""
+        started = time.monotonic()
         try:
-            p = body.parameters
-            if (1 if p.best_of is None else p.best_of) != 1:
-                raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-            if p.decoder_input_details:
-                raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
-            with self.permits.take():
-                valid = self.validator.validate(body.inputs, p, return_full_text_default=return_full_text_default)
-                async for event in self.source.stream(valid.request):
-                    if isinstance(event, ErrorEvent):
-                        R.raise_for(event)
-                    yield R.sse(R.stream_event(valid, event))
-                    if event.finish is not None:
-                        return
-            yield R.sse(R.error_json("incomplete_generation_stream", "Incomplete generation stream"))
+            with self._accounted():
+                p = body.parameters
+                if (1 if p.best_of is None else p.best_of) != 1:
+                    raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+                if p.decoder_input_details:
+                    raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+                with self.permits.take():
+                    valid = self._validate(body.inputs, p, return_full_text_default=return_full_text_default)
+                    async for event in self.source.stream(valid.request):
+                        if isinstance(event, ErrorEvent):
+                            R.raise_for(event)
+                        if event.finish is not None:
+                            self._succeeded(started, R.Generated(finish=event.finish))
+                        yield R.sse(R.stream_event(valid, event))
+                        if event.finish is not None:
+                            return
+                raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
         except ServeError as e:
             yield R.sse(R.error_json(e.error_type, error_message(e)))
 
@@ -202,33 +261,43 @@ class TextGeneration:
         )
 
     async def chat(self, chat: ChatRequest) -> tuple[dict, dict[str, str]]:
-        prompt = self.chat_prompt(chat)
-        timings = Timings(time.monotonic(), characters=len(prompt))
-        ctx = self._openai_context(chat.model, logprobs=bool(chat.logprobs))
-        with self.permits.take():
-            valid = self.validator.validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
-            timings.validated = time.monotonic()
-            generated = await R.gather(self.source.stream(valid.request))
+        timings = Timings(time.monotonic())
+        with self._accounted():
+            prompt = self.chat_prompt(chat)
+            timings.characters = len(prompt)
+            ctx = self._openai_context(chat.model, logprobs=bool(chat.logprobs))
+            with self.permits.take():
+                valid = self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
+                timings.validated = time.monotonic()
+                generated = await R.gather(self.source.stream(valid.request))
+            self._succeeded(timings.start, generated)
         self._finish_timings(timings, valid, generated)
         return R.chat_completion(ctx, valid, generated), timings.headers(self.compute_type)
 
-    async def chat_stream(self, chat: ChatRequest) -> AsyncIterator[bytes]:
-        """Chat chunks, then `data: [DONE]`; an error is one OpenAI-style event before [DONE]."""
+    async def chat_stream(self, chat: ChatRequest, prompt: str) -> AsyncIterator[bytes]:
+        """Chat chunks, then `data: [DONE]`; an error is one OpenAI-style event before [DONE].
+
+        `prompt` is `chat_prompt(chat)`, rendered before the stream starts: template and tool errors
+        are real HTTP errors, as in TGI.
+        """
         ctx = self._openai_context(chat.model, bool(chat.logprobs), bool(chat.stream_options and chat.stream_options.include_usage))
-        prompt = self.chat_prompt(chat)  # template and tool errors are real HTTP errors, as in TGI
+        started = time.monotonic()
         try:
-            with self.permits.take():
-                valid = self.validator.validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
-                async for event in self.source.stream(valid.request):
-                    if isinstance(event, ErrorEvent):
-                        R.raise_for(event)
-                    yield R.sse(R.chat_chunk(ctx, event))
-                    if event.finish is not None:
-                        if ctx.include_usage:
-                            yield R.sse(R.chat_usage_chunk(ctx, valid, event.finish))
-                        break
-                else:
-                    yield R.openai_stream_error("Incomplete generation stream")
+            with self._accounted():
+                with self.permits.take():
+                    valid = self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
+                    async for event in self.source.stream(valid.request):
+                        if isinstance(event, ErrorEvent):
+                            R.raise_for(event)
+                        if event.finish is not None:
+                            self._succeeded(started, R.Generated(finish=event.finish))
+                        yield R.sse(R.chat_chunk(ctx, event))
+                        if event.finish is not None:
+                            if ctx.include_usage:
+                                yield R.sse(R.chat_usage_chunk(ctx, valid, event.finish))
+                            break
+                    else:
+                        raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
         except ServeError as e:
             yield R.openai_stream_error(error_message(e))
         yield R.DONE
@@ -266,9 +335,12 @@ class TextGeneration:
         timings = Timings(time.monotonic(), characters=sum(len(p) for p in prompts))
 
         async def one(index: int, prompt: str):
-            with self.permits.take():
-                valid = self.validator.validate(prompt, params)
-                return index, valid, await R.gather(self.source.stream(valid.request))
+            started = time.monotonic()
+            with self._accounted(), self.permits.take():
+                valid = self._validate(prompt, params)
+                generated = await R.gather(self.source.stream(valid.request))
+                self._succeeded(started, generated)
+                return index, valid, generated
 
         results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         timings.validated = time.monotonic()
@@ -289,16 +361,19 @@ class TextGeneration:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
         async def one(index: int, prompt: str) -> None:
+            started = time.monotonic()
             try:
-                with self.permits.take():
-                    valid = self.validator.validate(prompt, params)
+                with self._accounted(), self.permits.take():
+                    valid = self._validate(prompt, params)
                     async for event in self.source.stream(valid.request):
                         if isinstance(event, ErrorEvent):
                             R.raise_for(event)
+                        if event.finish is not None:
+                            self._succeeded(started, R.Generated(finish=event.finish))
                         await queue.put(R.sse(R.completion_chunk(ctx, index, valid, event)))
                         if event.finish is not None:
                             return
-                raise ServeError("Incomplete generation stream")
+                    raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
             except ServeError as e:
                 await queue.put(R.openai_stream_error(error_message(e)))
             finally:

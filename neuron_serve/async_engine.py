@@ -12,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
-from .engine import Engine
+from .engine import Engine, StepStats
 from .request import Event, GenerationRequest, is_last
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # the step thread sleeps this long at most when there is no work
+BROKEN_AFTER_FAILURES = 3  # failed forwards in a row after which the engine reports itself unhealthy
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None):
         self.engine = engine
+        self.on_step = on_step  # called on the event loop after each step (for metrics)
         self._streams: dict[str, asyncio.Queue[list[Event]]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -46,6 +48,12 @@ class AsyncEngine:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    @property
+    def healthy(self) -> bool:
+        """The step loop runs, and the backend has not failed its last few forwards in a row."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.engine.consecutive_failures < BROKEN_AFTER_FAILURES
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         if self._thread is None:
@@ -78,15 +86,21 @@ class AsyncEngine:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
+            self.engine.last_step = None
             try:
                 events = self.engine.step()
             except Exception as e:  # a bug outside the forward: fail what is in flight, keep serving
                 logger.exception("engine step crashed")
                 events = self.engine.fail_all(e)
-            if events:
-                self._loop.call_soon_threadsafe(self._dispatch, events)
+            if events or self.engine.last_step:
+                self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[Event], stats: StepStats | None) -> None:
+        if stats is not None and self.on_step is not None:
+            try:
+                self.on_step(stats)
+            except Exception:
+                logger.exception("on_step callback failed")
         for event in events:
             queue = self._streams.get(event.request_id)
             if queue is not None:  # else its caller is gone

@@ -88,8 +88,17 @@ class Config(BaseModel):
     cors_allow_origin: list[str] = Field(default_factory=list)
 
     # The Ray Serve layout
-    cores_per_replica: int = Field(2, gt=0, description="NeuronCores per batcher replica (its tensor-parallel degree)")
+    cores_per_replica: int = Field(2, ge=0, description="NeuronCores per batcher replica, its tensor-parallel degree (0: CPU replicas)")
     num_replicas: int | None = Field(None, gt=0, description="None: cores on the cluster // cores_per_replica")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling for the batchers (instead of num_replicas)")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs each batcher replica asks Ray for (host-side sampling)")
+    max_queued_per_replica: int | None = Field(None, ge=0, description="requests a replica holds beyond its rows (None: one batch more)")
+    ingress_replicas: int = Field(1, gt=0)
+    startup_timeout_s: float = Field(1800.0, gt=0, description="a batcher that has not loaded its model by then fails")
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    health_probe_timeout_s: float = Field(5.0, gt=0, description="/health answers 503 when no replica produced a token by then")
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="in-flight requests get this long to finish on shutdown")
 
     # neuronx-tgi export settings, used when a hub model is not compiled yet
     export_batch_size: int | None = Field(None, gt=0)

@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import AbstractSet
+from dataclasses import dataclass
+from typing import AbstractSet, Literal
 
 from .backends import Backend
 from .batch import Slot, StaticBatch
@@ -27,6 +28,21 @@ from .scheduler import InsertionPolicy, PrefillPolicy, Scheduler, StepPlan, Wait
 from .stopping import StopCondition
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """What one step did: the numbers TGI's batch metrics are made of."""
+
+    kind: Literal["prefill", "decode"]
+    rows: int  # rows in the forward pass
+    inserted: int  # new requests a prefill took in
+    rebuilt: int  # active rows whose KV cache the prefill rebuilt
+    forward_s: float  # the backend call
+    total_s: float  # forward + sampling, detokenizing, stopping
+    active: int  # rows busy after the step
+    waiting: int  # requests queued after the step
+    failed: bool
 
 
 class Engine:
@@ -57,6 +73,8 @@ class Engine:
         self._lock = threading.Lock()
         self._inbox: list[WaitingRequest] = []
         self._cancelled: set[str] = set()
+        self.last_step: StepStats | None = None  # what the latest step did, for metrics
+        self.consecutive_failures = 0  # failed forwards in a row: a broken backend keeps failing
 
     # -- called from any thread ---------------------------------------------------------------
 
@@ -80,6 +98,7 @@ class Engine:
         plan = self.scheduler.schedule(self.waiting, self.batch)
         if plan.is_empty:
             return events
+        started = time.perf_counter()
         new_slots = [self._new_slot(waiting, row) for waiting, row in plan.admit]
         try:
             if plan.is_prefill:
@@ -91,9 +110,11 @@ class Engine:
                 logits = self.backend.decode(
                     [s.row for s in slots], [s.token_ids[-1] for s in slots], [s.next_position for s in slots]
                 )
+            forwarded = time.perf_counter()
             choices = choose(logits, [s.sampler for s in slots], [s.token_ids for s in slots])
         except Exception as e:  # the forward failed: fail exactly the requests that were in it
             logger.exception("step failed")
+            self._record(plan, started, time.perf_counter(), failed=True)
             return events + [self._fail(slot, e) for slot in new_slots + plan.rebuild + plan.decode]
         for slot, choice, prompt in zip(slots, choices, prompt_tokens):
             try:
@@ -101,7 +122,22 @@ class Engine:
             except Exception as e:
                 logger.exception("request %s failed", slot.id)
                 events.append(self._fail(slot, e))
+        self._record(plan, started, forwarded, failed=False)
         return events
+
+    def _record(self, plan: StepPlan, started: float, forwarded: float, failed: bool) -> None:
+        self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
+        self.last_step = StepStats(
+            kind="prefill" if plan.is_prefill else "decode",
+            rows=len(plan.admit) + len(plan.rebuild) + len(plan.decode),
+            inserted=len(plan.admit),
+            rebuilt=len(plan.rebuild),
+            forward_s=forwarded - started,
+            total_s=time.perf_counter() - started,
+            active=len(self.batch.active()),
+            waiting=len(self.waiting),
+            failed=failed,
+        )
 
     def _take_inbox(self) -> list[Event]:
         """Queue new requests (refusing those that cannot fit), drop cancelled ones."""

@@ -7,9 +7,11 @@ Raised where the problem is found; the HTTP layer turns them into status codes i
 class ServeError(Exception):
     error_type = "generation"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, error_type: str | None = None):
         super().__init__(message)
         self.message = message
+        if error_type is not None:
+            self.error_type = error_type
 
 
 class ValidationError(ServeError):

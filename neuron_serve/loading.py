@@ -18,11 +18,23 @@ from .scheduler import InsertionPolicy, PrefillPolicy
 logger = logging.getLogger(__name__)
 
 
+def model_limits(config: Config, model_dir) -> Limits:
+    """The limits a deployment runs with, from the model's configuration files alone (no weights).
+
+    The HTTP ingress validates with these, and each batcher's engine runs with the same.
+    """
+    if config.backend in ("auto", "torch"):
+        from .backends.torch_llama import load_config
+
+        return resolve_limits(config, max_positions=load_config(model_dir).max_position_embeddings)
+    raise ConfigError(f"`backend`: {config.backend!r} is not available in this build")
+
+
 def open_torch_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
     from .backends.torch_llama import TorchBackend, load_config
 
     model_config = load_config(model_dir)
-    limits = resolve_limits(config, max_positions=model_config.max_position_embeddings)
+    limits = model_limits(config, model_dir)
     dtype = config.dtype
     if dtype == "auto":
         dtype = "float32" if config.device == "cpu" else str(getattr(model_config, "torch_dtype", "bfloat16")).removeprefix("torch.")

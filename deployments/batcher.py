@@ -1,0 +1,100 @@
+"""NeuronBatcher: one replica, one engine, one static batch, pinned to its NeuronCore group.
+
+Ray gives each replica the `neuron_cores` it asked for and sets `NEURON_RT_VISIBLE_CORES` before the
+constructor runs, so the Neuron runtime in this process sees only its group. The engine steps on
+its own thread; requests stream back as lists of events (one list per hand-over, not one call per
+token). When the caller goes away, Serve cancels `generate`, and the engine frees the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from neuron_serve.async_engine import AsyncEngine
+from neuron_serve.config import Config
+from neuron_serve.loading import build_engine
+from neuron_serve.request import Event, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
+
+from .metrics import BatcherMetrics
+
+logger = logging.getLogger("ray.serve")
+
+RECENT_TOKEN_S = 10.0  # a replica that produced a token this recently is healthy without a probe
+
+
+class NeuronBatcher:
+    async def __init__(self, config: Config):
+        context = serve.get_replica_context()
+        self.replica = context.replica_tag
+        self.cores = os.environ.get("NEURON_RT_VISIBLE_CORES") or ""
+        self.config = config
+        logger.info("NeuronBatcher %s: NeuronCores [%s], loading %s (backend %s)",
+                    self.replica, self.cores or "none", config.model_id, config.backend)
+        if config.backend == "torch" and config.replica_cpus >= 1:
+            import torch
+
+            torch.set_num_threads(int(config.replica_cpus))
+        started = time.monotonic()
+        # Minutes for a compiled model on inf2: off the event loop, bounded by the configured timeout.
+        engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)
+        self.metrics = BatcherMetrics(engine.limits, self.cores or "none", config.insertion)
+        self.engine = AsyncEngine(engine, on_step=self._on_step)
+        self.engine.start()
+        self.last_token_at = 0.0
+        self.served = 0  # requests this replica has taken
+        logger.info("NeuronBatcher %s ready in %.1fs: %s, %d rows", self.replica, time.monotonic() - started,
+                    engine.backend.description, engine.limits.max_batch_size)
+
+    def _on_step(self, stats) -> None:
+        self.metrics.record(stats)
+        if not stats.failed:
+            self.last_token_at = time.monotonic()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+        self.served += 1
+        async for events in self.engine.generate(request):
+            yield events
+
+    async def probe(self) -> bool:
+        """True when this replica can produce a token: it just did, or it does one now."""
+        if not self.engine.healthy:
+            return False
+        if time.monotonic() - self.last_token_at < RECENT_TOKEN_S:
+            return True
+        engine = self.engine.engine
+        first_token = engine.tokenizer.bos_token_id
+        if first_token is None:
+            first_token = 0
+        probe = GenerationRequest(f"probe-{uuid.uuid4().hex}", (first_token,), SamplingParams(), StoppingParams(1))
+        async for events in self.engine.generate(probe):
+            return isinstance(events[-1], TokenEvent)
+        return False
+
+    async def status(self) -> dict[str, Any]:
+        engine = self.engine.engine
+        return {
+            "replica": self.replica,
+            "neuron_cores": self.cores or None,
+            "backend": engine.backend.description,
+            "batch_size": engine.limits.max_batch_size,
+            "active": len(engine.batch.active()),
+            "waiting": len(engine.waiting),
+            "served": self.served,
+            "healthy": self.engine.healthy,
+        }
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose step loop died or whose backend keeps failing is restarted."""
+        if not self.engine.healthy:
+            raise RuntimeError(f"NeuronBatcher {self.replica} is unhealthy: the engine's backend keeps failing")
+
+    async def __del__(self) -> None:
+        if hasattr(self, "engine"):
+            self.engine.stop()

@@ -1,0 +1,114 @@
+"""The HTTP ingress: TGI's API in front of the NeuronBatcher replicas.
+
+It loads only the tokenizer and configuration files (never Neuron: an actor without `neuron_cores`
+would see the node's cores), validates and tokenizes every request, and streams it through one
+batcher replica chosen by Serve's router. `/health`, `/info` and `/metrics` ask all replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from neuron_serve import __version__
+from neuron_serve.config import Config
+from neuron_serve.loading import model_limits
+from neuron_serve.model_files import load_tokenizer, resolve_model_dir
+from neuron_serve.request import ErrorEvent, Event, GenerationRequest, is_last
+
+from .http_api import build_http_app
+from .metrics import IngressMetrics, scrape_cluster, tgi_metrics_text
+from .service import TextGeneration
+
+logger = logging.getLogger("ray.serve")
+
+
+class BatcherSource:
+    """Streams a request through one NeuronBatcher replica; stopping early cancels it there."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle.options(stream=True)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        response = self.handle.generate.remote(request)
+        finished = False
+        try:
+            async for events in response:
+                for event in events:
+                    finished = is_last(event)
+                    yield event
+                    if finished:
+                        return
+        except Exception as e:  # the replica died or could not be reached
+            logger.warning("request %s lost its replica: %s: %s", request.id, type(e).__name__, e)
+            finished = True
+            yield ErrorEvent(request.id, f"Request failed during generation: the replica serving it failed ({type(e).__name__})")
+        finally:
+            if not finished:
+                response.cancel()
+
+
+@serve.ingress()
+class Ingress:
+    def __init__(self, batcher: DeploymentHandle, config: Config):
+        self.batcher = batcher
+        self.config = config
+        model_dir = resolve_model_dir(config, weights=False)
+        self.limits = model_limits(config, model_dir)
+        self.metrics = IngressMetrics(self.limits)
+        self.service = TextGeneration(
+            config, self.limits, load_tokenizer(model_dir), BatcherSource(batcher),
+            model_id=config.model_id, compute_type=config.backend, metrics=self.metrics,
+        )
+        logger.info("Ingress ready for %s: %s", config.model_id, self.limits)
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.service, self, self.config)
+
+    async def _replicas(self, method: str, timeout: float) -> list[Any]:
+        try:
+            return await self.batcher.broadcast(method).results_async(timeout_s=timeout, return_exceptions=True)
+        except Exception as e:  # no replica running yet, or none answered in time
+            logger.info("broadcast %s: %s: %s", method, type(e).__name__, e)
+            return []
+
+    async def health(self) -> bool:
+        """200 once a batcher replica produces a token (503 while they load, or when none can)."""
+        results = await self._replicas("probe", self.config.health_probe_timeout_s)
+        return any(r is True for r in results)
+
+    async def info(self) -> dict[str, Any]:
+        replicas = [r for r in await self._replicas("status", 5.0) if isinstance(r, dict)]
+        limits = self.limits
+        return {
+            "model_id": self.config.model_id,
+            "model_sha": self.config.revision,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": self.config.max_concurrent_requests,
+            "max_best_of": self.config.max_best_of,
+            "max_stop_sequences": self.config.max_stop_sequences,
+            "max_input_tokens": limits.max_input_tokens,
+            "max_total_tokens": limits.max_total_tokens,
+            "validation_workers": 1,
+            "max_client_batch_size": self.config.max_client_batch_size,
+            "router": "neuron-serve",
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+            "max_input_length": limits.max_input_tokens,
+            "max_batch_total_tokens": limits.max_batch_size * limits.max_total_tokens,
+            "max_batch_size": limits.max_batch_size,
+            "model_dtype": self.config.dtype,
+            "model_device_type": "neuron" if self.config.backend == "neuron" else "cpu",
+            "max_batch_prefill_tokens": limits.max_batch_prefill_tokens,
+            "insertion": self.config.insertion,
+            "backend": self.config.backend,
+            "replicas": sorted(replicas, key=lambda r: r.get("neuron_cores") or ""),
+        }
+
+    async def metrics(self) -> str:
+        return tgi_metrics_text(await scrape_cluster())

@@ -1,0 +1,193 @@
+"""TGI's Prometheus metrics, recorded where each event happens, exported through Ray.
+
+Both deployments record with `ray.serve.metrics`, so every series reaches Ray's Prometheus export
+(named `ray_<name>`, with Serve's `application`, `deployment` and `replica` labels, and a `cores`
+label carrying each batcher's NeuronCore group) and the Ray dashboard. The ingress's `/metrics`
+then serves them as TGI does: it reads every node's Ray metrics page, keeps the `ray_tgi_*` series,
+drops the per-replica labels, sums across replicas, and prints TGI's exact names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.request
+from collections import defaultdict
+
+from neuron_serve.config import Limits
+from neuron_serve.engine import StepStats
+
+logger = logging.getLogger(__name__)
+
+# TGI's buckets: durations are 35 geometric buckets from 150 µs, growing x1.5.
+DURATION_BUCKETS = [0.00015 * 1.5**i for i in range(35)]
+TGI_LABELS = {"method", "err", "reason", "le"}  # the labels TGI's own series carry
+PREFIX = "ray_tgi_"
+
+
+def _linear(upper: int, n: int = 100) -> list[float]:
+    step = max(upper / n, 1.0)
+    return [step * (i + 1) for i in range(n)]
+
+
+class IngressMetrics:
+    """Request-level metrics, recorded by the HTTP ingress."""
+
+    def __init__(self, limits: Limits):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.count = Counter("tgi_request_count", description="Requests received")
+        self.success = Counter("tgi_request_success", description="Requests that generated successfully")
+        self.failure = Counter("tgi_request_failure", description="Failed requests by error type", tag_keys=("err",))
+        d = lambda name, text: Histogram(name, description=text, boundaries=DURATION_BUCKETS)  # noqa: E731
+        self.duration = d("tgi_request_duration", "End-to-end request duration (s)")
+        self.validation = d("tgi_request_validation_duration", "Validation and tokenization (s)")
+        self.queue = d("tgi_request_queue_duration", "Time waiting for a batch row (s)")
+        self.inference = d("tgi_request_inference_duration", "Time from prefill to last token (s)")
+        self.per_token = d("tgi_request_mean_time_per_token_duration", "Mean time per generated token (s)")
+        self.input_length = Histogram("tgi_request_input_length", description="Prompt tokens",
+                                      boundaries=_linear(limits.max_input_tokens))
+        self.generated = Histogram("tgi_request_generated_tokens", description="Generated tokens",
+                                   boundaries=_linear(limits.max_total_tokens))
+        self.max_new_tokens = Histogram("tgi_request_max_new_tokens", description="Requested max_new_tokens",
+                                        boundaries=_linear(limits.max_total_tokens))
+
+    def received(self) -> None:
+        self.count.inc()
+
+    def validated(self, seconds: float, input_length: int, max_new_tokens: int) -> None:
+        self.validation.observe(seconds)
+        self.input_length.observe(input_length)
+        self.max_new_tokens.observe(max_new_tokens)
+
+    def succeeded(self, total: float, queue: float, inference: float, generated_tokens: int) -> None:
+        self.success.inc()
+        self.duration.observe(total)
+        self.queue.observe(queue)
+        self.inference.observe(inference)
+        self.generated.observe(generated_tokens)
+        if generated_tokens:
+            self.per_token.observe(inference / generated_tokens)
+
+    def failed(self, err: str) -> None:
+        self.failure.inc(tags={"err": err})
+
+
+class BatcherMetrics:
+    """Batch-level metrics, recorded by each NeuronBatcher replica after every engine step."""
+
+    def __init__(self, limits: Limits, cores: str, insertion: str):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.insertion = insertion
+        method = ("method", "cores")
+        self.inference_count = Counter("tgi_batch_inference_count", description="Forward passes", tag_keys=method)
+        self.inference_success = Counter("tgi_batch_inference_success", description="Successful forward passes", tag_keys=method)
+        self.inference_failure = Counter("tgi_batch_inference_failure", description="Failed forward passes", tag_keys=method)
+        self.concat = Counter("tgi_batch_concat", description="Prefills that inserted requests into a running batch",
+                              tag_keys=("reason", "cores"))
+        cores_only = ("cores",)
+        self.current_size = Gauge("tgi_batch_current_size", description="Busy rows of the static batch", tag_keys=cores_only)
+        self.current_max_tokens = Gauge("tgi_batch_current_max_tokens", description="Token capacity of the busy rows",
+                                        tag_keys=cores_only)
+        self.queue_size = Gauge("tgi_queue_size", description="Requests waiting for a row", tag_keys=cores_only)
+        self.max_total_tokens = Gauge("tgi_batch_max_total_tokens", description="Token capacity of the static batch",
+                                      tag_keys=cores_only)
+        self.next_size = Histogram("tgi_batch_next_size", description="Rows in a forward pass",
+                                   boundaries=[float(i) for i in range(1, max(limits.max_batch_size, 2) + 1)],
+                                   tag_keys=cores_only)
+        d = lambda name, text: Histogram(name, description=text, boundaries=DURATION_BUCKETS, tag_keys=method)  # noqa: E731
+        self.inference_duration = d("tgi_batch_inference_duration", "Whole step: forward, sampling, detokenizing (s)")
+        self.forward_duration = d("tgi_batch_forward_duration", "Backend forward pass (s)")
+        self.decode_duration = d("tgi_batch_decode_duration", "Sampling, detokenizing and stopping (s)")
+        self.concat_duration = d("tgi_batch_concat_duration", "Prefill that inserted into a running batch (s)")
+        self.limits = limits
+        for metric in (self.inference_count, self.inference_success, self.inference_failure, self.concat,
+                       self.current_size, self.current_max_tokens, self.queue_size, self.max_total_tokens,
+                       self.next_size, self.inference_duration, self.forward_duration, self.decode_duration,
+                       self.concat_duration):
+            metric.set_default_tags({"cores": cores})
+        self.max_total_tokens.set(limits.max_batch_size * limits.max_total_tokens)
+        self.current_size.set(0)
+        self.queue_size.set(0)
+
+    def record(self, step: StepStats) -> None:
+        tags = {"method": step.kind}
+        self.inference_count.inc(tags=tags)
+        (self.inference_failure if step.failed else self.inference_success).inc(tags=tags)
+        self.next_size.observe(step.rows)
+        self.inference_duration.observe(step.total_s, tags=tags)
+        self.forward_duration.observe(step.forward_s, tags=tags)
+        self.decode_duration.observe(step.total_s - step.forward_s, tags=tags)
+        if step.kind == "prefill" and step.active > step.inserted:
+            self.concat.inc(tags={"reason": self.insertion})
+            self.concat_duration.observe(step.total_s, tags=tags)
+        self.current_size.set(step.active)
+        self.current_max_tokens.set(step.active * self.limits.max_total_tokens)
+        self.queue_size.set(step.waiting)
+
+
+# -- /metrics: read Ray's export, answer in TGI's names ---------------------------------------------
+
+
+def _fetch(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (cluster-internal address)
+        return response.read().decode()
+
+
+async def scrape_cluster(timeout: float = 5.0) -> list[str]:
+    """Every live node's Ray metrics page."""
+    import ray
+
+    urls = [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("MetricsExportPort")
+    ]
+    pages = await asyncio.gather(*(asyncio.to_thread(_fetch, url, timeout) for url in urls), return_exceptions=True)
+    for url, page in zip(urls, pages):
+        if isinstance(page, Exception):
+            logger.warning("could not read metrics from %s: %s", url, page)
+    return [p for p in pages if isinstance(p, str)]
+
+
+def tgi_metrics_text(pages: list[str]) -> str:
+    """Sum the `ray_tgi_*` series over replicas and nodes; print them under TGI's names."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kinds: dict[str, str] = {}
+    helps: dict[str, str] = {}
+    values: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+    for page in pages:
+        for family in text_string_to_metric_families(page):
+            if not family.name.startswith(PREFIX):
+                continue
+            name = family.name[len("ray_"):]
+            kinds[name], helps[name] = family.type, family.documentation
+            for sample in family.samples:
+                sample_name = sample.name[len("ray_"):]
+                if family.type == "counter" and sample_name.endswith("_total"):
+                    sample_name = sample_name[: -len("_total")]
+                if sample_name.endswith("_created"):
+                    continue
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k in TGI_LABELS))
+                values[name][(sample_name, labels)] += sample.value
+    lines = []
+    for name in sorted(values):
+        lines.append(f"# HELP {name} {helps[name]}")
+        lines.append(f"# TYPE {name} {kinds[name]}")
+        for (sample_name, labels), value in sorted(values[name].items(), key=lambda kv: _sample_order(kv[0])):
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{label_text}}} {_number(value)}" if label_text else f"{sample_name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _sample_order(key: tuple) -> tuple:
+    sample_name, labels = key
+    le = dict(labels).get("le")
+    bound = float("inf") if le in (None, "+Inf") else float(le)
+    return (sample_name, tuple((k, v) for k, v in labels if k != "le"), bound)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
