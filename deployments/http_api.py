@@ -115,7 +115,12 @@ class ApiKey:
         self.app, self.expected, self.open_paths = app, f"Bearer {key}".encode(), open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # behind a route prefix, the app's own paths follow it
+            path = path[len(root):] or "/"
+        if path in self.open_paths or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):

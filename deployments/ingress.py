@@ -59,10 +59,10 @@ class Ingress:
         self.config = config
         model_dir = resolve_model_dir(config, weights=False)
         self.limits = model_limits(config, model_dir)
-        self.metrics = IngressMetrics(self.limits)
+        request_metrics = IngressMetrics(self.limits)
         self.service = TextGeneration(
             config, self.limits, load_tokenizer(model_dir), BatcherSource(batcher),
-            model_id=config.model_id, compute_type=config.backend, metrics=self.metrics,
+            model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
         )
         logger.info("Ingress ready for %s: %s", config.model_id, self.limits)
 
@@ -111,4 +111,4 @@ class Ingress:
         }
 
     async def metrics(self) -> str:
-        return tgi_metrics_text(await scrape_cluster())
+        return tgi_metrics_text(await scrape_cluster(), application=serve.get_replica_context().app_name)

@@ -20,7 +20,7 @@ from neuron_serve.engine import StepStats
 logger = logging.getLogger(__name__)
 
 # TGI's buckets: durations are 35 geometric buckets from 150 µs, growing x1.5.
-DURATION_BUCKETS = [0.00015 * 1.5**i for i in range(35)]
+DURATION_BUCKETS = [float(f"{0.00015 * 1.5**i:.6g}") for i in range(35)]
 TGI_LABELS = {"method", "err", "reason", "le"}  # the labels TGI's own series carry
 PREFIX = "ray_tgi_"
 
@@ -151,8 +151,8 @@ async def scrape_cluster(timeout: float = 5.0) -> list[str]:
     return [p for p in pages if isinstance(p, str)]
 
 
-def tgi_metrics_text(pages: list[str]) -> str:
-    """Sum the `ray_tgi_*` series over replicas and nodes; print them under TGI's names."""
+def tgi_metrics_text(pages: list[str], application: str | None = None) -> str:
+    """Sum one application's `ray_tgi_*` series over replicas and nodes; print them under TGI's names."""
     from prometheus_client.parser import text_string_to_metric_families
 
     kinds: dict[str, str] = {}
@@ -165,6 +165,8 @@ def tgi_metrics_text(pages: list[str]) -> str:
             name = family.name[len("ray_"):]
             kinds[name], helps[name] = family.type, family.documentation
             for sample in family.samples:
+                if application is not None and sample.labels.get("application") != application:
+                    continue
                 sample_name = sample.name[len("ray_"):]
                 if family.type == "counter" and sample_name.endswith("_total"):
                     sample_name = sample_name[: -len("_total")]

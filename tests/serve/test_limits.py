@@ -1,0 +1,72 @@
+"""Overload (429), body size (413), API key (401), and a client that walks away (slot freed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from .conftest import SIDE_ARGS
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def guarded(cluster):
+    url = cluster.deploy("guarded", {**SIDE_ARGS, "api_key": KEY, "max_concurrent_requests": 2, "payload_limit": 4096})
+    yield url
+    cluster.delete("guarded")
+
+
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def test_api_key_protects_all_but_health(guarded):
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    assert httpx.post(f"{guarded}/generate", json=body, timeout=30).status_code == 401
+    wrong = httpx.post(f"{guarded}/generate", json=body, headers={"authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.json()["error_type"] == "unauthorized"
+    assert httpx.post(f"{guarded}/generate", json=body, headers=AUTH, timeout=30).status_code == 200
+    for path in ("/info", "/metrics", "/v1/models", "/api-doc/openapi.json"):
+        assert httpx.get(f"{guarded}{path}", timeout=30).status_code == 401, path
+    for path in ("/health", "/ping"):
+        assert httpx.get(f"{guarded}{path}", timeout=30).status_code == 200, path
+
+
+def test_body_over_the_payload_limit_is_413(guarded):
+    big = {"inputs": "x" * 5000, "parameters": {}}
+    r = httpx.post(f"{guarded}/generate", json=big, headers=AUTH, timeout=30)
+    assert r.status_code == 413
+    assert r.json() == {"error": "Failed to buffer the request body: length limit exceeded", "error_type": "payload_too_large"}
+
+
+def test_requests_beyond_max_concurrent_get_429_and_the_rest_complete(guarded):
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
+            body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
+            return await asyncio.gather(*(client.post(f"{guarded}/generate", json=body) for _ in range(6)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 429, 429, 429, 429]
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+    assert all(r.json()["generated_text"] for r in responses if r.status_code == 200)
+
+
+def test_disconnect_frees_the_row(app):
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{app}/generate_stream", json=body) as response:
+            lines = response.iter_lines()
+            seen = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
+            assert len(seen) >= 2
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        replicas = httpx.get(f"{app}/info", timeout=30).json()["replicas"]
+        if all(r["active"] == 0 and r["waiting"] == 0 for r in replicas):
+            break
+        time.sleep(0.2)
+    assert all(r["active"] == 0 for r in replicas), replicas

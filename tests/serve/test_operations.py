@@ -1,0 +1,127 @@
+"""/info, /health, /metrics, /tokenize, /docs through Ray Serve."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import pytest
+
+from .conftest import SIDE_ARGS
+
+
+def test_info_fields(app):
+    info = httpx.get(f"{app}/info", timeout=30).json()
+    for key, value in {"model_id": "neuron-serve/tiny-llama", "model_pipeline_tag": "text-generation",
+                       "max_concurrent_requests": 128, "max_best_of": 2, "max_stop_sequences": 4,
+                       "max_input_tokens": 128, "max_total_tokens": 256, "max_client_batch_size": 4,
+                       "max_batch_size": 4, "max_input_length": 128, "max_batch_total_tokens": 1024,
+                       "insertion": "insert", "backend": "torch"}.items():
+        assert info[key] == value, key
+    for key in ("model_sha", "validation_workers", "router", "version", "sha", "docker_label", "model_dtype",
+                "model_device_type", "max_batch_prefill_tokens"):
+        assert key in info
+    assert {r["batch_size"] for r in info["replicas"]} == {4}
+    assert all(r["healthy"] and r["backend"] == "torch cpu float32" for r in info["replicas"])
+
+
+def test_health_and_ping(app):
+    for path in ("/health", "/ping"):
+        r = httpx.get(f"{app}{path}", timeout=30)
+        assert r.status_code == 200 and r.content == b""
+
+
+def test_health_is_503_while_no_replica_can_generate(cluster, tiny_model_dir, tmp_path):
+    # A model whose tokenizer and config load (the ingress comes up) but whose weights are missing:
+    # batcher replicas fail to start, and /health says so at once instead of hanging.
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    url = cluster.deploy("broken", {**SIDE_ARGS, "model_id": str(broken), "health_probe_timeout_s": 2}, wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        statuses = []
+        while time.monotonic() < deadline and len([s for s in statuses if s == 503]) < 3:
+            try:
+                statuses.append(httpx.get(f"{url}/health", timeout=30).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert statuses.count(503) >= 3 and 200 not in statuses
+        body = httpx.get(f"{url}/health", timeout=30).json()
+        assert body == {"error": "unhealthy", "error_type": "healthcheck"}
+    finally:
+        cluster.delete("broken")
+
+
+def test_metrics_expose_tgi_names_aggregated_over_replicas(app, cluster):
+    for _ in range(3):
+        assert httpx.post(f"{app}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}}, timeout=60).status_code == 200
+    httpx.post(f"{app}/generate", json={"inputs": "", "parameters": {}}, timeout=60)  # a validation failure
+    wanted = ["tgi_request_count ", "tgi_request_success ", 'tgi_request_failure{err="validation"}',
+              'tgi_batch_inference_count{method="decode"}', 'tgi_batch_inference_count{method="prefill"}',
+              "tgi_request_duration_bucket{le=", "tgi_batch_current_size ", "tgi_queue_size ",
+              'tgi_batch_forward_duration_count{method="decode"}', "tgi_request_input_length_sum "]
+    deadline = time.monotonic() + 60
+    while True:
+        response = httpx.get(f"{app}/metrics", timeout=30)
+        text = response.text
+        if all(w in text for w in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert response.headers["content-type"].startswith("text/plain")
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    assert "ray_" not in text and "replica=" not in text
+    assert "# TYPE tgi_request_duration histogram" in text and "# TYPE tgi_request_count counter" in text
+    # Ray's own Prometheus export keeps the per-replica, per-core-group view.
+    ray_page = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).text
+    assert 'cores="0,1"' in ray_page and 'cores="2,3"' in ray_page and "ray_tgi_batch_current_size" in ray_page
+
+
+def test_tokenize_gives_byte_offsets(app, tokenizer):
+    text = "Hello 🚀 world"
+    tokens = httpx.post(f"{app}/tokenize", json={"inputs": text}, timeout=30).json()
+    assert [t["id"] for t in tokens] == tokenizer(text).input_ids
+    assert tokens[0] == {"id": tokenizer.bos_token_id, "text": "", "start": 0, "stop": 0}
+    data = text.encode()
+    assert b"".join(data[t["start"]:t["stop"]] for t in tokens[1:]) == data
+    assert tokens[-1]["stop"] == len(data) and tokens[-1]["text"] == data[tokens[-1]["start"]:].decode() == " world"
+    rocket = next(t for t in tokens if "🚀" in t["text"])
+    assert rocket["stop"] - rocket["start"] == len(rocket["text"].encode())  # bytes, not characters
+    chat = httpx.post(f"{app}/chat_tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, timeout=30).json()
+    assert chat["templated_text"] == "<|begin_of_text|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert [t["id"] for t in chat["tokenize_response"]] == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+
+
+def test_docs_and_openapi(app):
+    spec = httpx.get(f"{app}/api-doc/openapi.json", timeout=30).json()
+    for path in ("/generate", "/generate_stream", "/", "/v1/chat/completions", "/v1/completions", "/v1/models",
+                 "/tokenize", "/chat_tokenize", "/invocations", "/health", "/ping", "/info", "/metrics"):
+        assert path in spec["paths"], path
+    body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/GenerateRequest"}
+    schemas = spec["components"]["schemas"]
+    assert {"GenerateRequest", "GenerateParameters", "GenerateResponse", "Details", "Token", "StreamResponse",
+            "ErrorResponse", "Info", "ChatRequest", "ChatCompletion", "CompletionRequest"} <= set(schemas)
+    assert set(schemas["GenerateParameters"]["properties"]) == {
+        "best_of", "temperature", "repetition_penalty", "frequency_penalty", "top_k", "top_p", "typical_p",
+        "do_sample", "max_new_tokens", "return_full_text", "stop", "truncate", "watermark", "details",
+        "decoder_input_details", "seed", "top_n_tokens", "grammar", "adapter_id"}
+    docs = httpx.get(f"{app}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "openapi.json" in docs.text
+
+
+@pytest.mark.parametrize("body", [
+    {"inputs": "Hello", "parameters": {"max_new_tokens": 3}},
+    {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3},
+    {"prompt": "Hello", "max_tokens": 3},
+])
+def test_invocations_dispatches_like_sagemaker(app, body):
+    r = httpx.post(f"{app}/invocations", json=body, timeout=60)
+    assert r.status_code == 200
+    if "inputs" in body:
+        assert isinstance(r.json(), list)
+    else:
+        assert r.json()["object"] in ("chat.completion", "text_completion")
