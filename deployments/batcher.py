@@ -44,7 +44,7 @@ class NeuronBatcher:
         started = time.monotonic()
         # Minutes for a compiled model on inf2: off the event loop, bounded by the configured timeout.
         engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)
-        self.metrics = BatcherMetrics(engine.limits, self.cores or "none", config.insertion)
+        self.metrics = BatcherMetrics(engine.limits, self.cores or "none", engine.scheduler.insertion.name)
         self.engine = AsyncEngine(engine, on_step=self._on_step)
         self.engine.start()
         self.last_token_at = 0.0
@@ -83,6 +83,7 @@ class NeuronBatcher:
             "replica": self.replica,
             "neuron_cores": self.cores or None,
             "backend": engine.backend.description,
+            "insertion": engine.scheduler.insertion.name,
             "batch_size": engine.limits.max_batch_size,
             "active": len(engine.batch.active()),
             "waiting": len(engine.waiting),

@@ -105,7 +105,7 @@ class Ingress:
             "model_dtype": self.config.dtype,
             "model_device_type": "neuron" if self.config.backend == "neuron" else "cpu",
             "max_batch_prefill_tokens": limits.max_batch_prefill_tokens,
-            "insertion": self.config.insertion,
+            "insertion": replicas[0]["insertion"] if replicas else self.config.insertion,
             "backend": self.config.backend,
             "replicas": sorted(replicas, key=lambda r: r.get("neuron_cores") or ""),
         }

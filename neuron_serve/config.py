@@ -69,8 +69,10 @@ class Config(BaseModel):
     max_input_tokens: int | None = Field(None, gt=0)
     max_total_tokens: int | None = Field(None, gt=1)
     max_batch_prefill_tokens: int | None = Field(None, gt=0)
-    insertion: Literal["insert", "rebuild"] = Field(
-        "insert", description="insert: prefill only new rows; rebuild: re-prefill every active row too"
+    insertion: Literal["auto", "insert", "rebuild"] = Field(
+        "auto",
+        description="insert: prefill only new rows; rebuild: re-prefill every active row too; "
+        "auto: insert unless a compiled Neuron model can only prefill the whole batch",
     )
     waiting_served_ratio: float = Field(
         0.0, ge=0, description="prefill mid-batch once waiting >= ratio x running (0: as soon as a row is free)"

@@ -57,8 +57,9 @@ class Engine:
     ):
         if insertion.name == "insert" and not backend.prefills_subset:
             raise ConfigError(
-                f"`insertion: insert` needs a backend that prefills some rows only; {backend.description} "
-                "prefills the whole batch at once: use `insertion: rebuild`"
+                f"`insertion: insert` needs a model that prefills some rows only, but {backend.description} "
+                "rewrites every row's KV cache at each prefill (compiled without continuous batching): "
+                "use `insertion: rebuild` (or `auto`), or compile with batch_size > 1 and continuous batching"
             )
         if limits.max_batch_size > backend.batch_size:
             raise ConfigError(f"`max_batch_size` ({limits.max_batch_size}) exceeds the backend's {backend.batch_size} rows")
@@ -108,7 +109,10 @@ class Engine:
                 slots = plan.decode
                 prompt_tokens = [None] * len(slots)
                 logits = self.backend.decode(
-                    [s.row for s in slots], [s.token_ids[-1] for s in slots], [s.next_position for s in slots]
+                    [s.row for s in slots],
+                    [s.token_ids[-1] for s in slots],
+                    [s.next_position for s in slots],
+                    sampling=[s.request.sampling for s in slots],
                 )
             forwarded = time.perf_counter()
             choices = choose(logits, [s.sampler for s in slots], [s.token_ids for s in slots])
@@ -186,7 +190,8 @@ class Engine:
         # A rebuilt row gets back everything but its pending token, which the next decode feeds.
         token_ids = [s.token_ids[:-1] for s in plan.rebuild] + [s.token_ids for s in new_slots]
         want_prompt = any(s.request.prompt_logprobs for s in new_slots)
-        output = self.backend.prefill(rows, token_ids, prompt_logprobs=want_prompt)
+        sampling = [s.request.sampling for s in plan.rebuild + new_slots]
+        output = self.backend.prefill(rows, token_ids, prompt_logprobs=want_prompt, sampling=sampling)
         skip = len(plan.rebuild)
         prompt_tokens = [None] * len(new_slots)
         if want_prompt and output.prompt_logprobs is not None:

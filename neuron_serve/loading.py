@@ -1,12 +1,15 @@
 """From a `Config` to a ready `Engine`: find the model, load its tokenizer, open the backend, settle limits.
 
-Each backend has an `open_*` function returning the backend and the limits it can run with; the
-Neuron one is imported only when chosen, so nothing else ever imports Neuron libraries.
+Each backend has an `open_*` function returning the backend and the limits it runs with; the Neuron
+one imports Neuron libraries only when chosen. `model_limits` gives the same limits from
+configuration files alone, for the HTTP ingress, which never loads weights.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from .backends import Backend
 from .config import Config, Limits, resolve_limits
@@ -18,15 +21,24 @@ from .scheduler import InsertionPolicy, PrefillPolicy
 logger = logging.getLogger(__name__)
 
 
+def _max_positions(model_dir: Path) -> int:
+    model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(model_config.get("max_position_embeddings") or model_config.get("n_positions") or 4096)
+
+
 def model_limits(config: Config, model_dir) -> Limits:
     """The limits a deployment runs with, from the model's configuration files alone (no weights).
 
     The HTTP ingress validates with these, and each batcher's engine runs with the same.
     """
-    if config.backend in ("auto", "torch"):
-        from .backends.torch_llama import load_config
+    if config.backend == "neuron":
+        from .backends.neuron_models import compiled_shape
 
-        return resolve_limits(config, max_positions=load_config(model_dir).max_position_embeddings)
+        shape = compiled_shape(config, model_dir)
+        return resolve_limits(config, max_positions=shape.sequence_length, compiled_batch_size=shape.batch_size,
+                              compiled_sequence_length=shape.sequence_length)
+    if config.backend in ("auto", "torch"):
+        return resolve_limits(config, max_positions=_max_positions(model_dir))
     raise ConfigError(f"`backend`: {config.backend!r} is not available in this build")
 
 
@@ -42,23 +54,61 @@ def open_torch_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
     return backend, limits
 
 
+def open_neuron_backend(config: Config, model_dir, model_class=None) -> tuple[Backend, Limits]:
+    """optimum-neuron's compiled model as a backend; `model_class` is optimum-neuron's unless given."""
+    from .backends.neuron import NeuronBackend, neuron_model_class
+    from .backends.neuron_models import CompiledShape, check_against_settings, load_neuron_model, read_neuron_config
+
+    if model_class is None:
+        try:
+            model_class = neuron_model_class()
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
+    model = load_neuron_model(config, Path(model_dir), model_class)
+    nc = model.neuron_config
+    shape = CompiledShape(nc.batch_size, nc.sequence_length, nc.max_context_length or nc.sequence_length, nc.tp_degree,
+                          str(nc.torch_dtype).removeprefix("torch."), bool(nc.continuous_batching), bool(nc.on_device_sampling))
+    check_against_settings(config, shape)
+    limits = resolve_limits(config, max_positions=shape.sequence_length, compiled_batch_size=shape.batch_size,
+                            compiled_sequence_length=shape.sequence_length)
+    if limits.max_input_tokens > shape.max_context_length:
+        raise ConfigError(f"`max_input_tokens` ({limits.max_input_tokens}) must be <= the compiled model's "
+                          f"max_context_length ({shape.max_context_length})")
+    vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    if read_neuron_config(model_dir) is None:  # exported now: the model's own config is the source's
+        vocab_size = model.config.vocab_size
+    return NeuronBackend(model, vocab_size=vocab_size), limits
+
+
+def insertion_policy(config: Config, backend: Backend) -> InsertionPolicy:
+    """`auto` picks what the backend can do (the engine refuses an explicit policy it cannot run)."""
+    if config.insertion == "auto":
+        return InsertionPolicy("insert" if backend.prefills_subset else "rebuild")
+    return InsertionPolicy(config.insertion)
+
+
 def open_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
+    if config.backend == "neuron":
+        return open_neuron_backend(config, model_dir)
     if config.backend in ("auto", "torch"):
         return open_torch_backend(config, model_dir)
     raise ConfigError(f"`backend`: {config.backend!r} is not available in this build")
 
 
-def build_engine(config: Config) -> Engine:
+def build_engine(config: Config, backend: Backend | None = None, limits: Limits | None = None) -> Engine:
+    """The engine for `config`; a backend already opened (tests, benchmarks) may be given with its limits."""
     model_dir = resolve_model_dir(config)
     tokenizer = load_tokenizer(model_dir)
-    backend, limits = open_backend(config, model_dir)
+    if backend is None:
+        backend, limits = open_backend(config, model_dir)
+    policy = insertion_policy(config, backend)
     engine = Engine(
         backend,
         tokenizer,
         limits,
         eos_token_ids(model_dir, tokenizer),
-        insertion=InsertionPolicy(config.insertion),
+        insertion=policy,
         prefill_policy=PrefillPolicy(config.waiting_served_ratio, config.max_waiting_tokens),
     )
-    logger.info("engine ready: %s on %s, %s, insertion=%s", config.model_id, backend.description, limits, config.insertion)
+    logger.info("engine ready: %s on %s, %s, insertion=%s", config.model_id, backend.description, limits, policy.name)
     return engine

@@ -42,12 +42,19 @@ def resolve_model_dir(config: Config, weights: bool = True) -> Path:
     return Path(path)
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, token: str | None = None):
+    """The model's fast tokenizer; a compiled Neuron model without one uses its checkpoint's."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    source: str | Path = model_dir
+    neuron_config = Path(model_dir) / "neuron_config.json"
+    if not (Path(model_dir) / "tokenizer.json").is_file() and neuron_config.is_file():
+        checkpoint = json.loads(neuron_config.read_text()).get("checkpoint_id")
+        if checkpoint:
+            source = checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(source, token=token)
     if not tokenizer.is_fast:
-        raise ConfigError(f"{model_dir} has no fast tokenizer (tokenizer.json); neuron-serve needs one")
+        raise ConfigError(f"{source} has no fast tokenizer (tokenizer.json); neuron-serve needs one")
     return tokenizer
 
 

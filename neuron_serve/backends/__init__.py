@@ -11,7 +11,9 @@ where prefill ("context encoding") and decode ("token generation") are separate 
 - `decode(rows, token_ids, positions)` feeds one token per row at the given position and returns
   the next-token logits.
 
-Sampling, stopping and text all live in the engine; a backend returns logits only.
+Sampling, stopping and text all live in the engine; a backend returns logits only. Each call also
+receives the rows' `SamplingParams`, for a backend that samples on its device: it then returns
+one-hot logits of the tokens it chose.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
+
+    from ..request import SamplingParams
 
 
 @dataclass
@@ -39,11 +43,21 @@ class Backend(Protocol):
     description: str  # one line for logs and /info, e.g. "torch cpu float32"
 
     def prefill(
-        self, rows: Sequence[int], token_ids: Sequence[Sequence[int]], prompt_logprobs: bool = False
+        self,
+        rows: Sequence[int],
+        token_ids: Sequence[Sequence[int]],
+        prompt_logprobs: bool = False,
+        sampling: Sequence[SamplingParams] | None = None,
     ) -> PrefillOutput:
         """Write rows' KV caches from `token_ids` (position 0 onwards); logits at each last token."""
         ...
 
-    def decode(self, rows: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode(
+        self,
+        rows: Sequence[int],
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        sampling: Sequence[SamplingParams] | None = None,
+    ) -> torch.Tensor:
         """One token per row at `positions[i]` (its KV is written there): logits [len(rows), vocab]."""
         ...

@@ -194,7 +194,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prefill(
-        self, rows: Sequence[int], token_ids: Sequence[Sequence[int]], prompt_logprobs: bool = False
+        self, rows: Sequence[int], token_ids: Sequence[Sequence[int]], prompt_logprobs: bool = False, sampling=None
     ) -> PrefillOutput:
         lengths = [len(ids) for ids in token_ids]
         width = max(lengths)
@@ -222,7 +222,7 @@ class TorchBackend:
         return PrefillOutput(logits=logits, prompt_logprobs=per_row)
 
     @torch.inference_mode()
-    def decode(self, rows: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode(self, rows: Sequence[int], token_ids: Sequence[int], positions: Sequence[int], sampling=None) -> torch.Tensor:
         first, last = min(rows), max(rows)
         span_tokens = [0] * (last - first + 1)
         span_positions = [self.scratch_position] * (last - first + 1)

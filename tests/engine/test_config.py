@@ -30,7 +30,7 @@ def test_defaults_then_args_then_env():
     ({"max_input_tokens": 100, "max_batch_prefill_tokens": 50}, {}, "`max_batch_prefill_tokens` (50) must be >= `max_input_tokens` (100)"),
     ({}, {"MAX_BATCH_SIZE": "0"}, "`max_batch_size` (env MAX_BATCH_SIZE): Input should be greater than 0"),
     ({}, {"MAX_BATCH_SIZE": "eight"}, "`max_batch_size` (env MAX_BATCH_SIZE): Input should be a valid integer"),
-    ({"insertion": "append"}, {}, "`insertion`: Input should be 'insert' or 'rebuild'"),
+    ({"insertion": "append"}, {}, "`insertion`: Input should be 'auto', 'insert' or 'rebuild'"),
     ({"max_batch_sise": 8}, {}, "`max_batch_sise`: Extra inputs are not permitted"),
     ({}, {"HF_AUTO_CAST_TYPE": "fp8"}, "`export_auto_cast_type` (env HF_AUTO_CAST_TYPE): Input should be 'bf16' or 'fp16'"),
 ])

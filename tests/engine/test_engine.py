@@ -71,12 +71,12 @@ class CancelDuringPrefill:
         for name in ("batch_size", "max_tokens", "vocab_size", "prefills_subset", "description"):
             setattr(self, name, getattr(backend, name))
 
-    def prefill(self, rows, token_ids, prompt_logprobs=False):
+    def prefill(self, rows, token_ids, prompt_logprobs=False, sampling=None):
         self.engine_ref[0].cancel(self.request_id)
-        return self.inner.prefill(rows, token_ids, prompt_logprobs)
+        return self.inner.prefill(rows, token_ids, prompt_logprobs, sampling)
 
-    def decode(self, rows, token_ids, positions):
-        return self.inner.decode(rows, token_ids, positions)
+    def decode(self, rows, token_ids, positions, sampling=None):
+        return self.inner.decode(rows, token_ids, positions, sampling)
 
 
 @pytest.mark.parametrize("insertion", ["insert", "rebuild"])
@@ -118,14 +118,14 @@ class FailingDecode:
         for name in ("batch_size", "max_tokens", "vocab_size", "prefills_subset", "description"):
             setattr(self, name, getattr(backend, name))
 
-    def prefill(self, rows, token_ids, prompt_logprobs=False):
-        return self.inner.prefill(rows, token_ids, prompt_logprobs)
+    def prefill(self, rows, token_ids, prompt_logprobs=False, sampling=None):
+        return self.inner.prefill(rows, token_ids, prompt_logprobs, sampling)
 
-    def decode(self, rows, token_ids, positions):
+    def decode(self, rows, token_ids, positions, sampling=None):
         self.calls += 1
         if self.calls == self.fail_at_call:
             raise RuntimeError("device fault")
-        return self.inner.decode(rows, token_ids, positions)
+        return self.inner.decode(rows, token_ids, positions, sampling)
 
 
 def test_failed_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir, tokenizer, reference, prompt_ids):

@@ -30,11 +30,11 @@ class ScriptedBackend:
             logits[i, (t + 1) % VOCAB] = 10.0
         return logits
 
-    def prefill(self, rows, token_ids, prompt_logprobs=False):
+    def prefill(self, rows, token_ids, prompt_logprobs=False, sampling=None):
         self.calls.append(("prefill", list(rows), [list(t) for t in token_ids]))
         return PrefillOutput(self._logits([t[-1] for t in token_ids]))
 
-    def decode(self, rows, token_ids, positions):
+    def decode(self, rows, token_ids, positions, sampling=None):
         self.calls.append(("decode", list(rows), list(positions)))
         return self._logits(token_ids)
 

@@ -1,0 +1,199 @@
+"""Where a compiled Neuron model comes from, exactly as neuronx-tgi finds one.
+
+- An already compiled model: a local directory (`/data/<model>`) or a hub repository holding a
+  `neuron_config.json` — loaded as it is.
+- A standard model: compiled at start for `HF_BATCH_SIZE` x `HF_SEQUENCE_LENGTH` on `HF_NUM_CORES`
+  cores in `HF_AUTO_CAST_TYPE` (falling back to our own settings). The Neuron model cache on the hub
+  is looked up first, preferring an entry whose batch size matches exactly; the compiler runs only
+  on a miss. The result is saved under the cache directory (`/data` in the container), so the next
+  start loads it directly.
+
+Reading a `neuron_config.json` needs no Neuron library: the HTTP ingress and the limits use these
+functions on any host. Loading and compiling take the model class (optimum-neuron's, or a stand-in).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import Config
+from ..errors import ConfigError
+from ..tiny_model import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+NEURON_CONFIG_FILE = "neuron_config.json"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+@dataclass(frozen=True)
+class CompiledShape:
+    """What a compiled model fixes, read from its neuron_config.json (or what an export will fix)."""
+
+    batch_size: int
+    sequence_length: int
+    max_context_length: int
+    tp_degree: int
+    dtype: str
+    continuous_batching: bool
+    on_device_sampling: bool
+
+    @classmethod
+    def from_neuron_config(cls, nc: dict[str, Any]) -> CompiledShape:
+        return cls(
+            batch_size=int(nc["batch_size"]),
+            sequence_length=int(nc["sequence_length"]),
+            max_context_length=int(nc.get("max_context_length") or nc["sequence_length"]),
+            tp_degree=int(nc["tp_degree"]),
+            dtype=str(nc.get("torch_dtype", "bfloat16")).removeprefix("torch."),
+            continuous_batching=bool(nc.get("continuous_batching", False)),
+            on_device_sampling=bool(nc.get("on_device_sampling", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """A standard model to compile: the neuronx-tgi export settings, settled."""
+
+    model_id: str
+    batch_size: int
+    sequence_length: int
+    num_cores: int
+    dtype: str
+
+    def cache_key(self) -> str:
+        return f"b{self.batch_size}-s{self.sequence_length}-tp{self.num_cores}-{self.dtype}"
+
+
+def read_neuron_config(model_dir: Path) -> dict[str, Any] | None:
+    path = Path(model_dir) / NEURON_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def export_plan(config: Config, model_dir: Path) -> ExportPlan:
+    """neuronx-tgi's export settings (HF_*), else ours, else the model's own."""
+    model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    max_positions = model_config.get("max_position_embeddings") or 4096
+    if config.export_auto_cast_type:
+        dtype = DTYPES[config.export_auto_cast_type]
+    elif config.dtype != "auto":
+        dtype = config.dtype
+    else:
+        dtype = "bfloat16"
+    return ExportPlan(
+        model_id=config.model_id,
+        batch_size=config.export_batch_size or config.max_batch_size or 1,
+        sequence_length=config.export_sequence_length or config.max_total_tokens or min(4096, max_positions),
+        num_cores=config.export_num_cores or config.cores_per_replica,
+        dtype=dtype,
+    )
+
+
+def compiled_shape(config: Config, model_dir: Path) -> CompiledShape:
+    """The shape the replica will run: the compiled model's, or the one its export will have."""
+    nc = read_neuron_config(model_dir)
+    if nc is not None:
+        return CompiledShape.from_neuron_config(nc)
+    plan = export_plan(config, model_dir)
+    return CompiledShape(plan.batch_size, plan.sequence_length, plan.sequence_length, plan.num_cores, plan.dtype,
+                         continuous_batching=plan.batch_size > 1, on_device_sampling=False)
+
+
+def check_against_settings(config: Config, shape: CompiledShape) -> None:
+    """neuronx-tgi's rules beyond the token limits: the cores and dtype must be the compiled ones."""
+    if config.cores_per_replica != shape.tp_degree:
+        raise ConfigError(
+            f"`cores_per_replica` ({config.cores_per_replica}) must be equal to the compiled model's tp_degree "
+            f"({shape.tp_degree}): each replica asks Ray for exactly the cores the model was compiled for"
+        )
+    if config.export_num_cores is not None and config.export_num_cores != shape.tp_degree:
+        raise ConfigError(f"HF_NUM_CORES ({config.export_num_cores}) must be equal to the compiled model's tp_degree ({shape.tp_degree})")
+    if config.export_auto_cast_type and DTYPES[config.export_auto_cast_type] != shape.dtype:
+        raise ConfigError(
+            f"HF_AUTO_CAST_TYPE ({config.export_auto_cast_type}) must match the compiled model's dtype ({shape.dtype})"
+        )
+
+
+def choose_cached_entry(entries: list[dict[str, Any]], plan: ExportPlan, batch_is_fixed: bool) -> dict[str, Any] | None:
+    """A hub-cache entry to use: same sequence length, cores and dtype; the exact batch size first,
+    else (when the batch size was not pinned) the smallest larger one; None means compile."""
+    same = [
+        e for e in entries
+        if e.get("sequence_length") == plan.sequence_length
+        and e.get("tp_degree") == plan.num_cores
+        and DTYPES.get(str(e.get("torch_dtype", "")).removeprefix("torch."), "") == plan.dtype
+    ]
+    exact = [e for e in same if e.get("batch_size") == plan.batch_size]
+    if exact:
+        return exact[0]
+    larger = sorted((e for e in same if e.get("batch_size", 0) > plan.batch_size), key=lambda e: e["batch_size"])
+    return larger[0] if larger and not batch_is_fixed else None
+
+
+def hub_cache_entries(plan: ExportPlan, token: str | None) -> list[dict[str, Any]]:
+    """The Neuron model cache's compiled configurations for this model (empty when unreachable)."""
+    try:
+        from optimum.neuron.cache.hub_cache import get_hub_cached_entries
+
+        return list(get_hub_cached_entries(plan.model_id, task="text-generation"))
+    except Exception as e:  # offline, gated without token, no registry: compile instead
+        logger.warning("Neuron model cache lookup for %s failed (%s: %s): compiling", plan.model_id, type(e).__name__, e)
+        return []
+
+
+def cache_root(config: Config) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+
+
+def load_neuron_model(
+    config: Config,
+    model_dir: Path,
+    model_class,
+    lookup: Callable[[ExportPlan, str | None], list[dict[str, Any]]] = hub_cache_entries,
+):
+    """The loaded model: compiled as given, from our compiled cache, or exported now (and cached)."""
+    token = config.hf_token.get_secret_value() if config.hf_token else None
+    if read_neuron_config(model_dir) is not None:
+        logger.info("loading compiled model %s from %s", config.model_id, model_dir)
+        return model_class.from_pretrained(str(model_dir), token=token)
+
+    plan = export_plan(config, model_dir)
+    local_source = Path(config.model_id).exists()  # the hub cache knows hub models only
+    entries = [] if local_source else lookup(plan, token)
+    entry = choose_cached_entry(entries, plan, batch_is_fixed=config.max_batch_size is not None)
+    if entry is not None and entry["batch_size"] != plan.batch_size:
+        logger.info("using the cached batch size %d (asked for %d) to avoid compiling", entry["batch_size"], plan.batch_size)
+        plan = ExportPlan(plan.model_id, entry["batch_size"], plan.sequence_length, plan.num_cores, plan.dtype)
+    target = cache_root(config) / "compiled" / plan.model_id.replace("/", "--") / (config.revision or "main") / plan.cache_key()
+    if read_neuron_config(target) is not None:
+        logger.info("loading %s compiled earlier from %s", plan.model_id, target)
+        return model_class.from_pretrained(str(target))
+    logger.warning(
+        "compiling %s for batch %d x %d tokens on %d cores (%s)%s; this can take a long time",
+        plan.model_id, plan.batch_size, plan.sequence_length, plan.num_cores, plan.dtype,
+        ", with the hub cache's artifacts" if entry else ", not found in the Neuron model cache",
+    )
+    model = export_model(model_class, plan, source=str(model_dir) if local_source else plan.model_id, token=token,
+                         revision=config.revision)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(target))
+    logger.info("saved the compiled model to %s", target)
+    return model
+
+
+def export_model(model_class, plan: ExportPlan, source: str | None = None, token: str | None = None,
+                 revision: str | None = None):
+    """Compile a standard model (hub id or local directory `source`) through optimum-neuron's export."""
+    import torch
+
+    source = source or plan.model_id
+    neuron_config = model_class.get_neuron_config(
+        source, token=token, revision=revision, batch_size=plan.batch_size,
+        sequence_length=plan.sequence_length, tensor_parallel_size=plan.num_cores,
+    )
+    neuron_config.torch_dtype = getattr(torch, plan.dtype)
+    return model_class.export(source, neuron_config=neuron_config, token=token, revision=revision, load_weights=True)

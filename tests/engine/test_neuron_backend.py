@@ -1,0 +1,177 @@
+"""The neuron backend, proven on a CPU stand-in of optimum-neuron's compiled model (no hardware here).
+
+The stand-in's public methods are compared with the installed optimum-neuron classes, so an upstream
+API change fails here. Through it, the neuron backend must pass the same greedy and late-insertion
+tests as the torch backend, for both compiled shapes (continuous batching → insert; whole-batch
+prefill → rebuild).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from neuron_serve.backends.neuron_models import ExportPlan, choose_cached_entry
+from neuron_serve.config import Config
+from neuron_serve.errors import ConfigError
+from neuron_serve.loading import build_engine, model_limits, open_neuron_backend
+
+from .helpers import request, run, token_ids
+from .neuron_standin import NeuronModelStandIn, compile_standin
+
+PROMPTS = ["What is Deep Learning?", "Hello 🚀 世界", "The quick brown fox jumps over the lazy dog.",
+           "Q: What is the capital of France?\nA:", "a"]
+
+
+def neuron_config(model_dir, tmp_path, **settings) -> Config:
+    return Config(model_id=str(model_dir), backend="neuron", cache_dir=str(tmp_path / "cache"), **settings)
+
+
+def neuron_engine(config: Config):
+    backend, limits = open_neuron_backend(config, config.model_id, model_class=NeuronModelStandIn)
+    return build_engine(config, backend, limits)
+
+
+# -- the stand-in is optimum-neuron's API -----------------------------------------------------------
+
+REAL_SIGNATURES = textwrap.dedent('''
+    import importlib.abc, importlib.machinery, inspect, json, sys, types
+    from unittest import mock
+
+    class Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        ROOTS = ("neuronx_distributed", "torch_neuronx", "neuronxcc", "libneuronxla", "torch_xla")
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.ROOTS:
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        def create_module(self, spec):
+            module = mock.MagicMock(name=spec.name)
+            module.__path__, module.__spec__ = [], spec
+            return module
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, Stub())
+    from optimum.neuron import NeuronModelForCausalLM
+    from optimum.neuron.models.inference.backend.modules.decoder.modeling_decoder import NxDModelForCausalLM
+
+    def describe(fn):
+        return [[p.name, str(p.kind), repr(p.default)] for p in inspect.signature(fn).parameters.values()]
+
+    print(json.dumps({
+        **{m: describe(getattr(NeuronModelForCausalLM, m)) for m in ("from_pretrained", "export", "get_neuron_config", "save_pretrained")},
+        **{m: describe(getattr(NxDModelForCausalLM, m)) for m in ("forward", "reset")},
+    }))
+''')
+
+
+def test_standin_methods_have_optimum_neurons_signatures():
+    out = subprocess.run([sys.executable, "-c", REAL_SIGNATURES], capture_output=True, text=True, timeout=300, check=True)
+    real = json.loads(out.stdout.strip().splitlines()[-1])
+
+    def describe(fn):
+        return [[p.name, str(p.kind), repr(p.default)] for p in inspect.signature(fn).parameters.values()]
+
+    for name, params in real.items():
+        assert describe(getattr(NeuronModelStandIn, name)) == params, name
+
+
+# -- greedy equality and late insertion, both compiled shapes ---------------------------------------
+
+@pytest.mark.parametrize("continuous_batching, policy", [(True, "insert"), (False, "rebuild")])
+def test_greedy_equals_transformers_with_late_insertions(tiny_model_dir, tokenizer, reference, tmp_path, continuous_batching, policy):
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=4, sequence_length=128,
+                               continuous_batching=continuous_batching)
+    engine = neuron_engine(neuron_config(compiled, tmp_path))
+    assert engine.scheduler.insertion.name == policy  # `auto` follows the compiled model
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    arrivals = {0: [request(0, ids[0], 12)], 3: [request(1, ids[1], 20), request(2, ids[2], 7)],
+                4: [request(3, ids[3], 15)], 9: [request(4, ids[4], 10), request(5, ids[0], 6)]}
+    events = run(engine, arrivals)
+    for reqs in arrivals.values():
+        for req in reqs:
+            assert token_ids(events[req.id]) == reference(req.input_ids, req.stopping.max_new_tokens), req.id
+    graphs = {graph for graph, _ in engine.backend.model.calls}
+    assert graphs == {"context_encoding", "token_generation"}
+    prefills = [rows for graph, rows in engine.backend.model.calls if graph == "context_encoding"]
+    if continuous_batching:  # only the new rows are prefilled
+        assert all(len(rows) <= 2 for rows in prefills)
+    else:  # every prefill carries the whole batch
+        assert all(rows == [0, 1, 2, 3] for rows in prefills)
+
+
+def test_on_device_sampling_is_used_for_greedy(tiny_model_dir, tokenizer, reference, tmp_path):
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=2, sequence_length=128, on_device_sampling=True)
+    engine = neuron_engine(neuron_config(compiled, tmp_path))
+    assert "on-device sampling" in engine.backend.description
+    prompt = tokenizer(PROMPTS[0]).input_ids
+    events = run(engine, {0: [request("g", prompt, 10), request("s", prompt, 10, do_sample=True, top_k=5, seed=1)]})
+    assert token_ids(events["g"]) == reference(prompt, 10)
+    assert len(events["s"]) == 10 and all(e.token.logprob == 0.0 for e in events["g"])
+
+
+# -- settings checked against the compiled model ----------------------------------------------------
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_batch_size": 8}, "`max_batch_size` (8) must be equal to the compiled model's batch_size (4)"),
+    ({"max_total_tokens": 64}, "`max_total_tokens` (64) must be equal to the compiled model's sequence_length (128)"),
+    ({"max_input_tokens": 128}, "`max_input_tokens` (128) must be < `max_total_tokens` (128)"),
+    ({"max_batch_prefill_tokens": 100}, "`max_batch_prefill_tokens` (100) must be equal to batch_size * max_input_tokens (4 * 64 = 256)"),
+    ({"cores_per_replica": 4}, "`cores_per_replica` (4) must be equal to the compiled model's tp_degree (2)"),
+    ({"export_num_cores": 8}, "HF_NUM_CORES (8) must be equal to the compiled model's tp_degree (2)"),
+    ({"export_auto_cast_type": "bf16"}, "HF_AUTO_CAST_TYPE (bf16) must match the compiled model's dtype (float32)"),
+])
+def test_settings_that_disagree_with_the_compiled_model_fail_at_start(tiny_model_dir, tmp_path, settings, message):
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=4, sequence_length=128)
+    with pytest.raises(ConfigError) as error:
+        open_neuron_backend(neuron_config(compiled, tmp_path, **settings), compiled, model_class=NeuronModelStandIn)
+    assert message in str(error.value)
+
+
+def test_insert_is_refused_on_a_whole_batch_model(tiny_model_dir, tmp_path):
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=4, sequence_length=128, continuous_batching=False)
+    with pytest.raises(ConfigError, match="`insertion: insert` needs a model that prefills some rows only.*use `insertion: rebuild`"):
+        neuron_engine(neuron_config(compiled, tmp_path, insertion="insert"))
+
+
+def test_limits_derived_from_the_compiled_model_like_neuronx_tgi(tiny_model_dir, tmp_path):
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=4, sequence_length=128)
+    limits = model_limits(neuron_config(compiled, tmp_path), compiled)
+    assert (limits.max_batch_size, limits.max_total_tokens, limits.max_input_tokens, limits.max_batch_prefill_tokens) == (4, 128, 64, 256)
+
+
+def test_without_the_neuron_sdk_the_backend_says_what_to_install(tiny_model_dir, tmp_path):
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=2, sequence_length=128)
+    with pytest.raises(ConfigError, match=r"the neuron backend needs the AWS Neuron SDK.*pip install -e '\.\[neuron\]'"):
+        open_neuron_backend(neuron_config(compiled, tmp_path), compiled)
+
+
+# -- a standard model: compiled at start once, then loaded from the cache ---------------------------
+
+def test_standard_model_is_compiled_once_then_loaded(tiny_model_dir, tokenizer, reference, tmp_path):
+    NeuronModelStandIn.export_calls.clear()
+    config = neuron_config(tiny_model_dir, tmp_path, export_batch_size=2, export_sequence_length=128, export_num_cores=2,
+                           dtype="float32")
+    prompt = tokenizer(PROMPTS[0]).input_ids
+    for _ in range(2):
+        backend, limits = open_neuron_backend(config, tiny_model_dir, model_class=NeuronModelStandIn)
+        assert (limits.max_batch_size, limits.max_total_tokens) == (2, 128)
+        engine = build_engine(config, backend, limits)
+        assert token_ids(run(engine, {0: [request("x", prompt, 8)]})["x"]) == reference(prompt, 8)
+    assert len(NeuronModelStandIn.export_calls) == 1
+    assert NeuronModelStandIn.export_calls[0]["batch_size"] == 2 and NeuronModelStandIn.export_calls[0]["tp_degree"] == 2
+    saved = list((tmp_path / "cache" / "compiled").rglob("neuron_config.json"))
+    assert len(saved) == 1 and saved[0].parent.name == "b2-s128-tp2-float32"
+
+
+def test_hub_cache_entry_choice_prefers_the_exact_batch_size():
+    plan = ExportPlan("org/model", batch_size=4, sequence_length=4096, num_cores=2, dtype="bfloat16")
+    entry = lambda b, s=4096, tp=2, dtype="bfloat16": {"batch_size": b, "sequence_length": s, "tp_degree": tp, "torch_dtype": dtype}  # noqa: E731
+    assert choose_cached_entry([entry(32), entry(4), entry(8)], plan, batch_is_fixed=True) == entry(4)
+    assert choose_cached_entry([entry(32), entry(8)], plan, batch_is_fixed=False) == entry(8)  # smallest larger one
+    assert choose_cached_entry([entry(32), entry(8)], plan, batch_is_fixed=True) is None  # MAX_BATCH_SIZE pinned: compile
+    assert choose_cached_entry([entry(4, s=2048), entry(4, tp=8), entry(4, dtype="float16")], plan, False) is None
