@@ -20,7 +20,7 @@ from ray import serve
 from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.config import Config
 from neuron_serve.loading import build_engine
-from neuron_serve.request import Event, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
+from neuron_serve.request import ErrorEvent, Event, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 
 from .metrics import BatcherMetrics
 
@@ -59,8 +59,28 @@ class NeuronBatcher:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         self.served += 1
-        async for events in self.engine.generate(request):
-            yield events
+        generated = 0
+        last: Event | None = None
+        try:
+            async for events in self.engine.generate(request):
+                generated += sum(isinstance(e, TokenEvent) for e in events)
+                last = events[-1]
+                yield events
+        finally:
+            self._log_request(request, generated, last)
+
+    def _log_request(self, request: GenerationRequest, generated: int, last: Event | None) -> None:
+        """One structured line per request (never its text); Serve adds the HTTP request id."""
+        fields = (f"replica={self.replica} cores={self.cores or 'none'} input_tokens={len(request.input_ids)} "
+                  f"output_tokens={generated}")
+        if isinstance(last, TokenEvent) and last.finish is not None:
+            f = last.finish
+            logger.info("request done: %s finish=%s queue_ms=%.1f inference_ms=%.1f", fields, f.reason.value,
+                        f.queue_time * 1000, f.inference_time * 1000)
+        elif isinstance(last, ErrorEvent):
+            logger.info("request failed: %s error=%r", fields, last.message)
+        else:
+            logger.info("request cancelled: %s", fields)
 
     async def probe(self) -> bool:
         """True when this replica can produce a token: it just did, or it does one now."""

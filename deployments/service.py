@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -21,6 +22,9 @@ from neuron_serve.request import ErrorEvent, Event, GenerationRequest
 from . import responses as R
 from .schemas import ChatRequest, CompletionRequest, GenerateParameters, GenerateRequest
 from .validation import ValidRequest, Validator
+
+
+logger = logging.getLogger("ray.serve")
 
 
 class EventSource(Protocol):
@@ -158,6 +162,8 @@ class TextGeneration:
         started = time.monotonic()
         valid = self.validator.validate(inputs, params, **kwargs)
         self.metrics.validated(time.monotonic() - started, valid.input_length, valid.max_new_tokens)
+        if self.config.log_prompts:  # a debug setting: prompts are never logged otherwise
+            logger.info("request %s prompt=%r", valid.request.id, inputs)
         return valid
 
     def _succeeded(self, started: float, g: R.Generated) -> None:

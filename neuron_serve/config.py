@@ -59,8 +59,11 @@ class Config(BaseModel):
     hf_token: SecretStr | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["auto", "torch", "neuron", "simulated"] = Field(
-        "auto", description="auto: neuron where the cluster has neuron_cores, torch elsewhere"
+        "auto", description="auto: neuron where the cluster has neuron_cores, torch elsewhere; "
+        "simulated: sleeps as an inf2 core group would, for fleet-scale tests"
     )
+    simulated_params: float | None = Field(None, gt=0, description="parameters the simulated backend times itself as "
+                                           "(None: the model's own)")
     device: str = Field("cpu", description="torch backend device: cpu or cuda")
     cache_dir: str | None = Field(None, description="where built-in and compiled models are kept")
 
@@ -88,6 +91,7 @@ class Config(BaseModel):
     payload_limit: int = Field(2_000_000, gt=0)
     api_key: SecretStr | None = None
     cors_allow_origin: list[str] = Field(default_factory=list)
+    log_prompts: bool = Field(False, description="debug: log each request's prompt text (never logged otherwise)")
 
     # The Ray Serve layout
     cores_per_replica: int = Field(2, ge=0, description="NeuronCores per batcher replica, its tensor-parallel degree (0: CPU replicas)")

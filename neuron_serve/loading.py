@@ -37,9 +37,7 @@ def model_limits(config: Config, model_dir) -> Limits:
         shape = compiled_shape(config, model_dir)
         return resolve_limits(config, max_positions=shape.sequence_length, compiled_batch_size=shape.batch_size,
                               compiled_sequence_length=shape.sequence_length)
-    if config.backend in ("auto", "torch"):
-        return resolve_limits(config, max_positions=_max_positions(model_dir))
-    raise ConfigError(f"`backend`: {config.backend!r} is not available in this build")
+    return resolve_limits(config, max_positions=_max_positions(model_dir))
 
 
 def open_torch_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
@@ -87,12 +85,20 @@ def insertion_policy(config: Config, backend: Backend) -> InsertionPolicy:
     return InsertionPolicy(config.insertion)
 
 
+def open_simulated_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
+    from .backends.simulated import Inf2Timing, SimulatedBackend, count_parameters
+
+    limits = model_limits(config, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    timing = Inf2Timing(params=config.simulated_params or count_parameters(model_dir), cores=max(1, config.cores_per_replica))
+    avoid = set(tokenizer.all_special_ids) | eos_token_ids(model_dir, tokenizer)
+    backend = SimulatedBackend(limits.max_batch_size, limits.max_total_tokens, len(tokenizer), timing, avoid_ids=avoid)
+    return backend, limits
+
+
 def open_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
-    if config.backend == "neuron":
-        return open_neuron_backend(config, model_dir)
-    if config.backend in ("auto", "torch"):
-        return open_torch_backend(config, model_dir)
-    raise ConfigError(f"`backend`: {config.backend!r} is not available in this build")
+    opener = {"neuron": open_neuron_backend, "simulated": open_simulated_backend}.get(config.backend, open_torch_backend)
+    return opener(config, model_dir)
 
 
 def build_engine(config: Config, backend: Backend | None = None, limits: Limits | None = None) -> Engine:

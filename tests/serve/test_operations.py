@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -125,3 +127,23 @@ def test_invocations_dispatches_like_sagemaker(app, body):
         assert isinstance(r.json(), list)
     else:
         assert r.json()["object"] in ("chat.completion", "text_completion")
+
+
+def test_one_structured_log_line_per_request_without_the_prompt(app):
+    import ray
+
+    prompt = "A secret prompt that must not be logged"
+    r = httpx.post(f"{app}/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 3}}, timeout=60)
+    request_id = r.headers["x-request-id"]
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline = time.monotonic() + 20
+    lines: list[str] = []
+    while time.monotonic() < deadline and not lines:
+        lines = [line for f in logs.glob("replica_main_NeuronBatcher_*.log") for line in f.read_text().splitlines()
+                 if request_id in line and "request done:" in line]
+        time.sleep(0.5)
+    assert len(lines) == 1, lines
+    assert re.search(r"replica=\w+ cores=(0,1|2,3) input_tokens=\d+ output_tokens=3 finish=length queue_ms=[\d.]+ "
+                     r"inference_ms=[\d.]+", lines[0]), lines[0]
+    everything = "".join(f.read_text() for f in logs.glob("replica_main_*.log"))
+    assert prompt not in everything
