@@ -1,0 +1,68 @@
+"""The Dockerfile, read with a small parser (no Docker engine here): pinned Neuron base, /data, ports, the command."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, with continuation lines joined and comments dropped."""
+    out, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        pending += stripped[:-1] + " " if stripped.endswith("\\") else stripped
+        if not stripped.endswith("\\"):
+            keyword, _, args = pending.partition(" ")
+            out.append((keyword.upper(), args.strip()))
+            pending = ""
+    return out
+
+
+@pytest.fixture(scope="module")
+def parsed() -> list[tuple[str, str]]:
+    return instructions(DOCKERFILE.read_text())
+
+
+def values(parsed, keyword: str) -> list[str]:
+    return [args for k, args in parsed if k == keyword]
+
+
+def env(parsed) -> dict[str, str]:
+    return dict(pair.split("=", 1) for args in values(parsed, "ENV") for pair in shlex.split(args))
+
+
+def test_the_base_image_is_a_pinned_neuron_sdk_image(parsed):
+    [image] = values(parsed, "FROM")
+    name, _, tag = image.split()[0].rpartition(":")
+    assert "/" not in tag and tag and tag != "latest", f"FROM {image}: pin a tag"
+    assert "neuron" in name and "sdk2." in tag
+
+
+def test_the_project_is_installed_with_its_neuron_extra(parsed):
+    runs = " ".join(values(parsed, "RUN"))
+    assert "pip install" in runs and "'.[neuron]'" in runs
+    assert "--extra-index-url https://pip.repos.neuron.amazonaws.com" in runs
+    assert "torch==" not in runs  # the base image's Neuron torch, never the CPU pin
+
+
+def test_data_volume_neuron_tools_and_ports(parsed):
+    variables = env(parsed)
+    assert variables["HF_HOME"] == "/data"
+    assert "/opt/aws/neuron/bin" in variables["PATH"].split(":")
+    assert values(parsed, "VOLUME") == ["/data"]
+    ports = {p for args in values(parsed, "EXPOSE") for p in args.split()}
+    assert {"8000", "8265", "8080"} <= ports
+
+
+def test_the_default_command_starts_ray_and_serve_run(parsed):
+    [cmd] = values(parsed, "CMD")
+    assert "serve run serve_config.yaml" in cmd
+    assert "--metrics-export-port=8080" in cmd
+    assert values(parsed, "ENTRYPOINT") == ["[]"]  # not the base image's TorchServe entrypoint

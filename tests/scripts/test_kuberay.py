@@ -1,0 +1,136 @@
+"""deployments/kuberay/rayservice.yaml: rendered from serve_config.yaml, valid for Ray, sized for inf2, nothing public."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+render_kuberay = importlib.import_module("render_kuberay")
+
+from neuron_serve.config import load_config  # noqa: E402
+from neuron_serve.instances import lookup  # noqa: E402
+
+MANIFEST_PATH = ROOT / "deployments" / "kuberay" / "rayservice.yaml"
+ROOT_SERVE_CONFIG = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+
+
+def render(serve_config: dict = ROOT_SERVE_CONFIG, **options) -> dict:
+    defaults = dict(image=render_kuberay.DEFAULT_IMAGE, instance_type=render_kuberay.DEFAULT_INSTANCE_TYPE,
+                    min_workers=render_kuberay.DEFAULT_MIN_WORKERS, max_workers=render_kuberay.DEFAULT_MAX_WORKERS)
+    return render_kuberay.render_rayservice(serve_config, **{**defaults, **options})
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return yaml.safe_load(MANIFEST_PATH.read_text())
+
+
+def groups(manifest: dict) -> tuple[dict, dict]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    [worker] = cluster["workerGroupSpecs"]
+    return cluster["headGroupSpec"], worker
+
+
+def test_the_committed_manifest_is_what_serve_config_yaml_renders(manifest, capsys):
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    assert manifest == render()
+    assert render_kuberay.main(["--check"]) == 0
+
+
+def test_check_fails_on_a_stale_manifest(tmp_path, capsys):
+    stale = tmp_path / "rayservice.yaml"
+    stale.write_text(MANIFEST_PATH.read_text().replace("max_batch_size: 8", "max_batch_size: 16"))
+    assert render_kuberay.main(["--check", "--out", str(stale)]) == 1
+    assert "out of date" in capsys.readouterr().err
+
+
+def test_serve_config_v2_is_valid_for_ray_and_is_the_root_config_for_the_cluster(manifest):
+    from ray.serve.schema import ServeDeploySchema
+
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    assert {k: v for k, v in embedded.items() if k != "applications"} == \
+        {k: v for k, v in ROOT_SERVE_CONFIG.items() if k != "applications"}
+    [app], [root_app] = embedded["applications"], ROOT_SERVE_CONFIG["applications"]
+    assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in root_app.items() if k != "args"}
+    args = dict(app["args"])
+    assert args.pop("backend") == "neuron"  # the only changes: backend, and autoscaling within the worker bounds
+    autoscaling = args.pop("autoscaling_config")
+    assert args == {k: v for k, v in root_app["args"].items() if k != "backend"}
+    assert load_config(app["args"], environ={}).backend == "neuron"
+
+    _, worker = groups(manifest)
+    per_node = lookup("inf2.48xlarge").cores // app["args"]["cores_per_replica"]
+    assert per_node == 12
+    assert autoscaling["min_replicas"] == per_node * worker["minReplicas"]
+    assert autoscaling["max_replicas"] == per_node * worker["maxReplicas"]
+
+
+def test_the_worker_group_takes_whole_inf2_nodes_and_declares_their_cores(manifest):
+    _, worker = groups(manifest)
+    spec = worker["template"]["spec"]
+    instance = lookup(spec["nodeSelector"]["node.kubernetes.io/instance-type"])
+    assert instance.name == "inf2.48xlarge"
+    assert {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    [container] = spec["containers"]
+    assert container["resources"]["limits"]["aws.amazon.com/neuron"] == str(instance.devices) == "12"
+    declared = json.loads(json.loads(worker["rayStartParams"]["resources"]))  # KubeRay wants an escaped JSON string
+    assert declared == {"neuron_cores": instance.cores} == {"neuron_cores": 24}
+    cores_per_replica = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["cores_per_replica"]
+    assert declared["neuron_cores"] % cores_per_replica == 0
+    assert manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert 0 <= worker["minReplicas"] <= worker["replicas"] <= worker["maxReplicas"]
+
+
+def test_the_head_runs_no_replicas(manifest):
+    head, _ = groups(manifest)
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "aws.amazon.com/neuron" not in json.dumps(head)
+
+
+def test_hf_token_comes_from_a_secret_and_data_is_a_volume(manifest):
+    for group in groups(manifest):
+        spec = group["template"]["spec"]
+        [container] = spec["containers"]
+        [token] = [e for e in container["env"] if e["name"] == "HF_TOKEN"]
+        assert set(token) == {"name", "valueFrom"} and token["valueFrom"]["secretKeyRef"]["key"]
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+        assert any(v["name"] == mount["name"] for v in spec["volumes"])
+    _, worker = groups(manifest)
+    [data] = [v for v in worker["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert data["hostPath"]["path"]  # survives pod restarts on the node, so compiled models are reused
+
+
+def test_nothing_is_exposed_outside_the_cluster(manifest):
+    head, _ = groups(manifest)
+    assert head["serviceType"] == "ClusterIP"
+    for path in MANIFEST_PATH.parent.glob("*.y*ml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc.get("kind") not in ("Ingress", "Gateway")
+            assert doc.get("kind") != "Service" or doc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+    text = MANIFEST_PATH.read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert "LoadBalancer" not in body and "NodePort" not in body
+
+
+def test_other_instance_types_and_bad_groups():
+    manifest = render(instance_type="inf2.24xlarge", min_workers=0, max_workers=2)
+    _, worker = groups(manifest)
+    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["aws.amazon.com/neuron"] == "6"
+    assert json.loads(json.loads(worker["rayStartParams"]["resources"])) == {"neuron_cores": 12}
+    autoscaling = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (0, 12)
+
+    bad = yaml.safe_load(yaml.safe_dump(ROOT_SERVE_CONFIG))
+    bad["applications"][0]["args"]["cores_per_replica"] = 5
+    with pytest.raises(ValueError, match=r"`cores_per_replica` \(5\) must divide the 24 NeuronCores of inf2.48xlarge"):
+        render(bad)
+    with pytest.raises(ValueError, match="unknown instance type 'inf3.xlarge'"):
+        render(instance_type="inf3.xlarge")
