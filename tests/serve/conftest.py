@@ -1,7 +1,8 @@
 """One Ray cluster for the whole test session, with fake NeuronCores, and apps deployed on it by name.
 
-`ray start --head --resources '{"neuron_cores": 4}'`: Ray sets NEURON_RT_VISIBLE_CORES for replicas
-that ask for cores even though there is no device, so pinning is tested for real. Token auth is
+`ray.init(resources={"neuron_cores": 4})`, like `ray start --head --resources`: Ray sets
+NEURON_RT_VISIBLE_CORES for replicas that ask for cores even though there is no device, so pinning
+is tested for real. Token auth is
 off for the cluster and this process alike (a mismatch makes handle calls hang).
 """
 
@@ -9,18 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:
@@ -84,22 +81,19 @@ def cluster():
     import ray
     from ray import serve
 
-    gcs, http, metrics = free_port(), free_port(), free_port()
-    subprocess.run(
-        [RAY, "start", "--head", "--port", str(gcs), "--num-cpus", "8", "--resources", '{"neuron_cores": 4}',
-         "--metrics-export-port", str(metrics), "--include-dashboard", "false", "--disable-usage-stats"],
-        check=True, capture_output=True,
-    )
+    http, metrics = free_port(), free_port()
+    # A cluster of this process's own (address="local"): shutting it down stops only its processes, so a
+    # benchmark or another Ray cluster on the machine is left alone.
+    ray.init(address="local", num_cpus=8, resources={"neuron_cores": 4}, include_dashboard=False,
+             _metrics_export_port=metrics, logging_level="ERROR", log_to_driver=False)
     try:
-        ray.init(address=f"127.0.0.1:{gcs}", logging_level="ERROR", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": http})
         yield Cluster(http, metrics)
     finally:
         try:
             serve.shutdown()
-            ray.shutdown()
         finally:
-            subprocess.run([RAY, "stop", "--force"], capture_output=True)
+            ray.shutdown()
 
 
 # The main app: 4 fake cores, 2 per replica → two pinned replicas running the torch backend.
