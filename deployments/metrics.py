@@ -4,7 +4,9 @@ Both deployments record with `ray.serve.metrics`, so every series reaches Ray's 
 (named `ray_<name>`, with Serve's `application`, `deployment` and `replica` labels, and a `cores`
 label carrying each batcher's NeuronCore group) and the Ray dashboard. The ingress's `/metrics`
 then serves them as TGI does: it reads every node's Ray metrics page, keeps the `ray_tgi_*` series,
-drops the per-replica labels, sums across replicas, and prints TGI's exact names.
+drops the per-replica labels, sums across replicas, and prints TGI's exact names. Series TGI does not
+have (time to first token, inter-token latency) are named `neuron_serve_*`, so they stay out of that
+page and appear only in Ray's export, for the Grafana dashboard in `deployments/grafana/`.
 """
 
 from __future__ import annotations
@@ -101,11 +103,17 @@ class BatcherMetrics:
         self.forward_duration = d("tgi_batch_forward_duration", "Backend forward pass (s)")
         self.decode_duration = d("tgi_batch_decode_duration", "Sampling, detokenizing and stopping (s)")
         self.concat_duration = d("tgi_batch_concat_duration", "Prefill that inserted into a running batch (s)")
+        self.time_to_first_token = Histogram(
+            "neuron_serve_time_to_first_token", description="From the request reaching the replica to its first token (s)",
+            boundaries=DURATION_BUCKETS, tag_keys=cores_only)
+        self.inter_token_latency = Histogram(
+            "neuron_serve_inter_token_latency", description="Between two hand-overs of a request's tokens, per token (s)",
+            boundaries=DURATION_BUCKETS, tag_keys=cores_only)
         self.limits = limits
         for metric in (self.inference_count, self.inference_success, self.inference_failure, self.concat,
                        self.current_size, self.current_max_tokens, self.queue_size, self.max_total_tokens,
                        self.next_size, self.inference_duration, self.forward_duration, self.decode_duration,
-                       self.concat_duration):
+                       self.concat_duration, self.time_to_first_token, self.inter_token_latency):
             metric.set_default_tags({"cores": cores})
         self.max_total_tokens.set(limits.max_batch_size * limits.max_total_tokens)
         self.current_size.set(0)
@@ -125,6 +133,17 @@ class BatcherMetrics:
         self.current_size.set(step.active)
         self.current_max_tokens.set(step.active * self.limits.max_total_tokens)
         self.queue_size.set(step.waiting)
+
+    def delivered(self, seconds: float, tokens: int, first: bool) -> None:
+        """One hand-over of `tokens` token events to a request, `seconds` after it arrived (the first) or after
+        its previous hand-over. A hand-over of several tokens is one gap shared evenly among them, so the
+        inter-token count is the number of tokens after the first hand-over and nothing records a zero gap;
+        tokens that came with the first one have no gap of their own and are not counted."""
+        if first:
+            self.time_to_first_token.observe(seconds)
+            return
+        for _ in range(tokens):
+            self.inter_token_latency.observe(seconds / tokens)
 
 
 # -- /metrics: read Ray's export, answer in TGI's names ---------------------------------------------
