@@ -61,9 +61,15 @@ class NeuronBatcher:
         self.served += 1
         generated = 0
         last: Event | None = None
+        handed_over = time.monotonic()  # when it arrived, then when its latest tokens came
         try:
             async for events in self.engine.generate(request):
-                generated += sum(isinstance(e, TokenEvent) for e in events)
+                tokens = sum(isinstance(e, TokenEvent) for e in events)
+                if tokens:
+                    now = time.monotonic()
+                    self.metrics.delivered(now - handed_over, tokens, first=generated == 0)
+                    handed_over = now
+                generated += tokens
                 last = events[-1]
                 yield events
         finally:
@@ -110,6 +116,13 @@ class NeuronBatcher:
             "served": self.served,
             "healthy": self.engine.healthy,
         }
+
+    async def inject_fault(self, kind: str, times: int) -> None:
+        """Tests only (`fault_injection: true`): the next `times` forwards of `kind` fail in the backend."""
+        backend = self.engine.engine.backend
+        if not self.config.fault_injection:
+            raise PermissionError("fault injection is off on this replica (`fault_injection: false`)")
+        backend.arm(kind, times)
 
     async def check_health(self) -> None:
         """Ray Serve's health check: a replica whose step loop died or whose backend keeps failing is restarted."""

@@ -267,7 +267,7 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
     _document_request_bodies(app)
 
     if config.api_key is not None:
-        app.add_middleware(ApiKey, key=config.api_key.get_secret_value(), open_paths={"/health", "/ping"})
+        app.add_middleware(ApiKey, key=config.api_key.get_secret_value(), open_paths=set(config.api_key_open_paths))
     app.add_middleware(BodyLimit, limit=config.payload_limit)
     app.add_middleware(
         CORSMiddleware,

@@ -12,6 +12,7 @@ import logging
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from neuron_serve import __version__
@@ -26,30 +27,49 @@ from .service import TextGeneration
 
 logger = logging.getLogger("ray.serve")
 
+REPLICA_LOST = (RayActorError, ActorUnavailableError)  # the replica process died or cannot be reached
+
 
 class BatcherSource:
-    """Streams a request through one NeuronBatcher replica; stopping early cancels it there."""
+    """Streams a request through one NeuronBatcher replica; stopping early cancels it there.
+
+    A replica that dies before the request's first event (it was killed, or Serve had not yet heard
+    that it is gone) costs nothing visible: the request is sent again, and Serve's router, which drops
+    a replica it saw die, picks another. Once events have flowed, the request ends with an error event.
+    """
+
+    ATTEMPTS = 3
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle.options(stream=True)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        response = self.handle.generate.remote(request)
-        finished = False
-        try:
-            async for events in response:
-                for event in events:
-                    finished = is_last(event)
-                    yield event
-                    if finished:
-                        return
-        except Exception as e:  # the replica died or could not be reached
-            logger.warning("request %s lost its replica: %s: %s", request.id, type(e).__name__, e)
-            finished = True
-            yield ErrorEvent(request.id, f"Request failed during generation: the replica serving it failed ({type(e).__name__})")
-        finally:
-            if not finished:
-                response.cancel()
+        for attempt in range(1, self.ATTEMPTS + 1):
+            response = self.handle.generate.remote(request)
+            started = finished = False
+            try:
+                async for events in response:
+                    for event in events:
+                        started, finished = True, is_last(event)
+                        yield event
+                        if finished:
+                            return
+                return  # the replica's stream ended without a last event: the caller reports it incomplete
+            except REPLICA_LOST as e:
+                if not started and attempt < self.ATTEMPTS:
+                    logger.warning("request %s: its replica was lost before the first token (%s); sending it again",
+                                   request.id, type(e).__name__)
+                    continue
+                failure = e
+            except Exception as e:  # the replica could not be reached, or failed outside the engine
+                failure = e
+            finally:
+                if not finished:
+                    response.cancel()
+            logger.warning("request %s lost its replica: %s: %s", request.id, type(failure).__name__, failure)
+            yield ErrorEvent(request.id, "Request failed during generation: the replica serving it failed "
+                                         f"({type(failure).__name__})")
+            return
 
 
 @serve.ingress()

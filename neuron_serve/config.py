@@ -91,7 +91,9 @@ class Config(BaseModel):
     payload_limit: int = Field(2_000_000, gt=0)
     api_key: SecretStr | None = None
     cors_allow_origin: list[str] = Field(default_factory=list)
+    api_key_open_paths: list[str] = Field(["/health", "/ping"], description="routes open without the API key")
     log_prompts: bool = Field(False, description="debug: log each request's prompt text (never logged otherwise)")
+    fault_injection: bool = Field(False, description="tests only: let `NeuronBatcher.inject_fault` make forwards fail")
 
     # The Ray Serve layout
     cores_per_replica: int = Field(2, ge=0, description="NeuronCores per batcher replica, its tensor-parallel degree (0: CPU replicas)")

@@ -107,6 +107,10 @@ def build_engine(config: Config, backend: Backend | None = None, limits: Limits 
     tokenizer = load_tokenizer(model_dir)
     if backend is None:
         backend, limits = open_backend(config, model_dir)
+    if config.fault_injection:
+        from .backends.faults import FaultInjectingBackend
+
+        backend = FaultInjectingBackend(backend)
     policy = insertion_policy(config, backend)
     engine = Engine(
         backend,

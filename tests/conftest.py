@@ -1,13 +1,26 @@
-"""Fixtures shared by every test: the built-in tiny model, its transformers reference, engines in one line."""
+"""Fixtures shared by every test: the built-in tiny model, its transformers reference, and one Ray cluster.
+
+The cluster (`cluster`, for the serve and reliability suites) lives for the whole session, with fake
+NeuronCores, and apps are deployed on it by name. `ray.init(resources={"neuron_cores": 4})`, like
+`ray start --head --resources`: Ray sets NEURON_RT_VISIBLE_CORES for replicas that ask for cores
+even though there is no device, so pinning is tested for real. Token auth is off for the cluster
+and this process alike (a mismatch makes handle calls hang).
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +66,84 @@ def reference(hf_model):
         return cache[key]
 
     return generate
+
+
+# -- the Ray cluster ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout}s")
+
+
+def _run_quietly(application, name: str) -> None:
+    from ray import serve
+
+    try:
+        serve.run(application, name=name, route_prefix=f"/{name}")
+    except Exception:
+        pass
+
+
+class Cluster:
+    def __init__(self, http_port: int, metrics_port: int):
+        self.http = f"http://127.0.0.1:{http_port}"
+        self.metrics_port = metrics_port
+        self.apps: list[str] = []
+
+    def deploy(self, name: str, args: dict, wait: bool = True) -> str:
+        """Deploy neuron-serve under /<name> with `args` (serve_config args); its base URL."""
+        from ray import serve
+
+        from deployments.app import build_app
+
+        application = build_app(args)
+        self.apps.append(name)
+        url = f"{self.http}/{name}"
+        if not wait:  # serve.run waits for every deployment; here the caller watches the app come up
+            threading.Thread(target=_run_quietly, args=(application, name), daemon=True).start()
+            return url
+        serve.run(application, name=name, route_prefix=f"/{name}")
+        wait_healthy(url)
+        return url
+
+    def delete(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+        self.apps.remove(name)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    import ray
+    from ray import serve
+
+    http, metrics = free_port(), free_port()
+    # A cluster of this process's own (address="local"): shutting it down stops only its processes, so a
+    # benchmark or another Ray cluster on the machine is left alone.
+    ray.init(address="local", num_cpus=16, resources={"neuron_cores": 4}, include_dashboard=False,
+             _metrics_export_port=metrics, logging_level="ERROR", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http})
+        yield Cluster(http, metrics)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+

@@ -1,0 +1,146 @@
+"""Faults: a replica killed mid-stream, a forward that fails, a backend broken for good."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from .conftest import SIMULATED, all_rows_free, body, replicas, run, stream, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def batcher(app: str):
+    from ray import serve
+
+    return serve.get_deployment_handle("NeuronBatcher", app_name=app)
+
+
+def kill_replica(app: str, tag: str) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#NeuronBatcher#{tag}", namespace="serve"), no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def pair(cluster):
+    url = cluster.deploy("pair", {**SIMULATED, "num_replicas": 2, "max_concurrent_requests": 64})
+    yield url
+    cluster.delete("pair")
+
+
+@pytest.fixture(scope="module")
+def single(cluster):
+    url = cluster.deploy("single", {**SIMULATED, "num_replicas": 1, "fault_injection": True})
+    yield url
+    cluster.delete("single")
+
+
+def test_replica_killed_mid_stream(pair):
+    """Its streams end with one error event; others complete; newcomers are served; it comes back."""
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            long_streams = [asyncio.create_task(stream(client, pair, body(300))) for _ in range(8)]
+            busy = await asyncio.to_thread(
+                wait_until, lambda: [r for r in replicas(pair) if r["active"] > 0] if len(
+                    [r for r in replicas(pair) if r["active"] > 0]) == 2 else None, 60, what="both replicas busy")
+            victim = max(busy, key=lambda r: r["active"])["replica"]
+            killed_at = time.monotonic()
+            kill_replica("pair", victim)
+            newcomers = [asyncio.create_task(stream(client, pair, body(20))) for _ in range(6)]
+            done = await asyncio.wait_for(asyncio.gather(*long_streams, *newcomers), timeout=120)
+            return victim, killed_at, done[:8], done[8:]
+
+    victim, killed_at, long_results, newcomer_results = run(scenario())
+    assert all(r.complete or r.failed_cleanly for r in long_results), long_results
+    failed = [r for r in long_results if not r.complete]
+    assert failed, "the killed replica was streaming: some streams must have failed"
+    for r in failed:
+        [error] = r.errors
+        assert error["error_type"] == "generation" and "replica" in error["error"]
+    assert all(r.complete and len(r.tokens) == 300 for r in long_results if r.complete)
+    assert all(r.complete and len(r.tokens) == 20 for r in newcomer_results), newcomer_results
+
+    def replaced():
+        tags = [r["replica"] for r in replicas(pair)]
+        return len(tags) == 2 and victim not in tags and tags
+
+    tags = wait_until(replaced, 120, what="the killed replica replaced")
+    recovery_s = time.monotonic() - killed_at
+    print(f"recovery: a killed replica was replaced and healthy {recovery_s:.1f}s after the kill")
+    # The new replica serves: enough concurrent requests reach both.
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(stream(client, pair, body(30)) for _ in range(12)))
+
+    assert all(r.complete for r in run(burst()))
+    served = {r["replica"]: r["served"] for r in replicas(pair)}
+    assert set(served) == set(tags) and all(n > 0 for n in served.values()), served
+
+
+def test_a_failed_prefill_fails_only_its_request(single):
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            first_tokens = asyncio.Event()
+            running = asyncio.create_task(stream(client, single, body(200), on_token=lambda r: first_tokens.set()))
+            await asyncio.wait_for(first_tokens.wait(), 60)
+            await batcher("single").inject_fault.remote("prefill", 1)
+            refused = await client.post(f"{single}/generate", json=body(10))
+            return refused, await running
+
+    refused, running = run(scenario())
+    assert refused.status_code == 424
+    assert refused.json() == {"error": "Request failed during generation: InjectedFault: injected prefill fault",
+                              "error_type": "generation"}
+    assert running.complete and len(running.tokens) == 200  # it was not in the failed forward
+    assert httpx.post(f"{single}/generate", json=body(5), timeout=60).status_code == 200
+    wait_until(lambda: all_rows_free(single), 30, what="rows free")
+
+
+def test_a_failed_decode_fails_its_batch_and_the_replica_keeps_serving(single):
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            started = [asyncio.Event() for _ in range(3)]
+            streams = [asyncio.create_task(stream(client, single, body(200), on_token=lambda r, e=e: e.set()))
+                       for e in started]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            await batcher("single").inject_fault.remote("decode", 1)
+            return await asyncio.gather(*streams)
+
+    results = run(scenario())
+    for r in results:  # all three rows were in the failed decode step
+        assert r.failed_cleanly and r.errors[0]["error_type"] == "generation", r
+        assert "InjectedFault" in r.errors[0]["error"]
+    wait_until(lambda: all_rows_free(single), 30, what="rows free")
+    after = httpx.post(f"{single}/generate", json=body(20), timeout=60)
+    assert after.status_code == 200 and after.json()["generated_text"]
+    assert all(r["healthy"] for r in replicas(single))
+
+
+def test_a_backend_broken_for_good_is_reported_and_replaced(single):
+    [before] = replicas(single)
+    batcher("single").inject_fault.remote("any", 10**9).result()
+    broken_at = time.monotonic()
+    for _ in range(3):  # three failed forwards in a row: the engine calls itself unhealthy
+        r = httpx.post(f"{single}/generate", json=body(5), timeout=60)
+        assert r.status_code == 424 and r.json()["error_type"] == "generation"
+    assert httpx.get(f"{single}/health", timeout=30).status_code == 503
+
+    def replaced():
+        found = replicas(single)
+        return len(found) == 1 and found[0]["replica"] != before["replica"] and found[0]["healthy"]
+
+    wait_until(replaced, 120, interval=0.5, what="the broken replica replaced")
+    wait_until(lambda: httpx.get(f"{single}/health", timeout=30).status_code == 200, 60, what="/health 200")
+    print(f"recovery: a broken backend was replaced {time.monotonic() - broken_at:.1f}s after it broke")
+    ok = httpx.post(f"{single}/generate", json=body(10), timeout=60)
+    assert ok.status_code == 200 and ok.json()["generated_text"]
+
+
+def test_fault_injection_is_off_unless_configured(pair):
+    with pytest.raises(Exception, match="fault injection is off"):
+        batcher("pair").inject_fault.remote("any", 1).result()

@@ -1,0 +1,122 @@
+"""Load: clients that drop their streams, twice too many clients, and a client that stops reading."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import httpx
+import pytest
+
+from .conftest import SIMULATED, all_rows_free, body, run, stream, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+class Drop(Exception):
+    """Raised from a token callback: the client walks away mid-stream."""
+
+
+@pytest.fixture(scope="module")
+def fleet(cluster):
+    url = cluster.deploy("fleet", {**SIMULATED, "num_replicas": 2, "max_concurrent_requests": 128})
+    yield url
+    cluster.delete("fleet")
+
+
+@pytest.fixture(scope="module")
+def narrow(cluster):
+    url = cluster.deploy("narrow", {**SIMULATED, "num_replicas": 1, "max_concurrent_requests": 8})
+    yield url
+    cluster.delete("narrow")
+
+
+def test_a_hundred_clients_drop_their_streams_and_nothing_leaks(fleet):
+    rng = random.Random(7)
+    plans = [(rng.choice(["waiting", "tokens"]), rng.uniform(0, 1.5), rng.randint(1, 60)) for _ in range(100)]
+
+    async def one(client, when: str, delay: float, after_tokens: int):
+        def maybe_drop(result):
+            if when == "tokens" and len(result.tokens) >= after_tokens:
+                raise Drop
+
+        task = asyncio.create_task(stream(client, fleet, body(100), on_token=maybe_drop))
+        if when == "waiting":  # gone at a random moment: queued in the ingress, the replica, or mid-stream
+            await asyncio.sleep(delay)
+            task.cancel()
+        try:
+            return await task
+        except (Drop, asyncio.CancelledError):
+            return None
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(one(client, *plan) for plan in plans))
+
+    outcomes = run(scenario())
+    assert sum(o is None for o in outcomes) >= 50  # most dropped; the rest finished before their drop point
+    assert all(o.complete for o in outcomes if o is not None)
+    wait_until(lambda: all_rows_free(fleet), 60, what="every row and queue free")
+
+    # Nothing leaked: every row takes work again, and the full concurrency limit is admitted (no stale permit).
+    async def full_house():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(stream(client, fleet, body(5)) for _ in range(128)))
+
+    results = run(full_house())
+    assert [r.status for r in results] == [200] * 128
+    assert all(r.complete and len(r.tokens) == 5 for r in results)
+    wait_until(lambda: all_rows_free(fleet), 60, what="every row free again")
+
+
+def test_twice_the_concurrency_limit_is_refused_at_once_and_the_rest_complete(narrow):
+    """16 at once against a limit of 8: streams and plain requests alike. As in TGI, a refused
+    /generate is an HTTP 429 and a refused /generate_stream is one `overloaded` event."""
+    overloaded = {"error": "Model is overloaded", "error_type": "overloaded"}
+
+    async def timed_stream(client):
+        started = time.monotonic()
+        r = await stream(client, narrow, body(150))
+        return ("refused" if r.errors == [overloaded] else "complete" if r.complete and len(r.tokens) == 150
+                else r), r.final and r.final["generated_text"], time.monotonic() - started
+
+    async def timed_generate(client):
+        started = time.monotonic()
+        r = await client.post(f"{narrow}/generate", json=body(150, details=True))
+        outcome = ("refused" if r.status_code == 429 and r.json() == overloaded else
+                   "complete" if r.status_code == 200 and r.json()["details"]["generated_tokens"] == 150 else r)
+        return outcome, r.status_code == 200 and r.json()["generated_text"], time.monotonic() - started
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            calls = [timed_stream(client) if i % 2 else timed_generate(client) for i in range(16)]
+            return await asyncio.gather(*calls)
+
+    outcomes = run(scenario())
+    assert sorted(o for o, _, _ in outcomes) == ["complete"] * 8 + ["refused"] * 8, outcomes
+    refused = [t for o, _, t in outcomes if o == "refused"]
+    admitted = [t for o, _, t in outcomes if o == "complete"]
+    assert max(refused) < min(admitted)  # every refusal came back before any admitted request finished
+    assert len({text for o, text, _ in outcomes if o == "complete"}) == 1  # same prompt, same tokens
+
+
+def test_a_client_that_stops_reading_does_not_stall_the_others(narrow):
+    """The slow stream's events wait in buffers; its batch-mates stream on, and it loses nothing."""
+    payload = body(900, top_n_tokens=5, details=True)  # ~0.5 MB of events: more than socket buffers hold
+    with httpx.Client(timeout=120) as slow_client:
+        with slow_client.stream("POST", f"{narrow}/generate_stream", json=payload) as slow:
+            lines = slow.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # then it stops reading
+
+            async def others():
+                async with httpx.AsyncClient(timeout=120) as client:
+                    return await asyncio.gather(*(stream(client, narrow, body(100)) for _ in range(3)))
+
+            started = time.monotonic()
+            results = run(others())
+            others_s = time.monotonic() - started
+            assert all(r.complete and len(r.tokens) == 100 for r in results)
+            rest = [line for line in lines if line.startswith("data:")]
+    assert len(rest) == 899 and '"generated_text":"' in rest[-1]
+    print(f"slow client: three 100-token streams finished in {others_s:.1f}s while a 900-token stream went unread")
