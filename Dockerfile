@@ -10,6 +10,7 @@ WORKDIR /app
 COPY pyproject.toml README.md serve_config.yaml ./
 COPY neuron_serve ./neuron_serve
 COPY deployments ./deployments
+COPY scripts/container_start.sh ./scripts/
 # The `neuron` extra, from AWS's package index; torch is the base image's Neuron build (not the Makefile's CPU pin).
 RUN pip install --no-cache-dir '.[neuron]' --extra-index-url https://pip.repos.neuron.amazonaws.com
 
@@ -27,6 +28,8 @@ EXPOSE 8000 8265 8080
 # The base image's entrypoint and health check start TorchServe: replace them.
 ENTRYPOINT []
 HEALTHCHECK --start-period=30m CMD curl -fs http://localhost:8000/health || exit 1
-# Ray with its metrics on 8080, then the app. TGI variables (MODEL_ID, HF_TOKEN, MAX_BATCH_SIZE, HF_NUM_CORES, ...)
-# override serve_config.yaml's args. On KubeRay the pod's command replaces this line.
-CMD ["sh", "-c", "ray start --head --dashboard-host=0.0.0.0 --metrics-export-port=8080 --disable-usage-stats && exec serve run serve_config.yaml"]
+# Ray with its metrics on 8080, then the app; SIGTERM drains in-flight requests first (see the script).
+# TGI variables (MODEL_ID, HF_TOKEN, MAX_BATCH_SIZE, HF_NUM_CORES, ...) override serve_config.yaml's args.
+# On KubeRay the pod's command replaces this line.
+STOPSIGNAL SIGTERM
+CMD ["scripts/container_start.sh"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,8 +63,12 @@ def test_data_volume_neuron_tools_and_ports(parsed):
     assert {"8000", "8265", "8080"} <= ports
 
 
-def test_the_default_command_starts_ray_and_serve_run(parsed):
+def test_the_default_command_starts_ray_and_serve_run_and_drains_on_sigterm(parsed):
     [cmd] = values(parsed, "CMD")
-    assert "serve run serve_config.yaml" in cmd
-    assert "--metrics-export-port=8080" in cmd
+    script = json.loads(cmd)[0]
+    assert any(script in args.split() for args in values(parsed, "COPY"))  # the image has it
+    text = (DOCKERFILE.parent / script).read_text()
+    assert "serve run serve_config.yaml" in text and "--metrics-export-port=8080" in text
+    assert "trap 'python -m deployments.drain" in text and "TERM" in text
+    assert subprocess.run(["sh", "-n", str(DOCKERFILE.parent / script)]).returncode == 0
     assert values(parsed, "ENTRYPOINT") == ["[]"]  # not the base image's TorchServe entrypoint

@@ -1,0 +1,45 @@
+"""Stop Serve without cutting a stream: delete every application gracefully, then shut Serve down.
+
+    python -m deployments.drain [--address auto]
+
+Deleting an application stops routing new requests to it (they get 404/503 at once) while its
+replicas finish what they are serving, up to `graceful_shutdown_timeout_s`; the HTTP proxies stay
+up meanwhile, so in-flight streams reach their clients. `serve shutdown`, and Ctrl-C on `serve
+run`, stop the proxies first and cut them. The container runs this on SIGTERM
+(`scripts/container_start.sh`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+logger = logging.getLogger("ray.serve")
+
+
+def drain(apps: list[str] | None = None, shutdown: bool = True) -> None:
+    """Delete `apps` (all when None), each waiting for its in-flight requests, then shut Serve down."""
+    from ray import serve
+
+    names = list(serve.status().applications) if apps is None else apps
+    for name in names:
+        started = time.monotonic()
+        serve.delete(name)  # blocks until the app's replicas have finished their requests
+        logger.info("drained application %s in %.1fs", name, time.monotonic() - started)
+    if shutdown:
+        serve.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="auto", help="the Ray cluster (default: the one on this node)")
+    args = parser.parse_args(argv)
+    import ray
+
+    ray.init(address=args.address, logging_level="ERROR")
+    drain()
+
+
+if __name__ == "__main__":
+    main()

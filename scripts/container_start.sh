@@ -1,0 +1,13 @@
+#!/bin/sh
+# The container's command: Ray (metrics on 8080, dashboard on 8265), then `serve run serve_config.yaml`.
+# SIGTERM (docker stop, a pod's termination) drains first: every application is deleted gracefully, so
+# in-flight requests finish (up to graceful_shutdown_timeout_s) before Serve and Ray stop. Give the
+# container a stop timeout above that (`docker stop -t 60`, terminationGracePeriodSeconds).
+set -e
+ray start --head --dashboard-host=0.0.0.0 --metrics-export-port=8080 --disable-usage-stats
+serve run serve_config.yaml &
+serve_pid=$!
+trap 'python -m deployments.drain || true; kill -INT "$serve_pid" 2>/dev/null || true' TERM INT
+wait "$serve_pid" || true
+wait "$serve_pid" 2>/dev/null || true
+ray stop

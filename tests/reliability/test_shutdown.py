@@ -1,0 +1,91 @@
+"""Redeploy and shutdown drain: in-flight streams finish, newcomers are served or get a clean error."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from .conftest import SIMULATED, body, run, stream, wait_until
+
+pytestmark = pytest.mark.slow
+
+ARGS = {**SIMULATED, "num_replicas": 2, "graceful_shutdown_timeout_s": 60, "max_concurrent_requests": 64}
+
+
+@pytest.fixture(scope="module")
+def rolling(cluster):
+    url = cluster.deploy("rolling", ARGS)
+    yield url
+    cluster.delete("rolling")
+
+
+def redeploy(args: dict) -> threading.Thread:
+    """`serve deploy` of a changed config, as the Serve API does it; returns the thread that waits for it."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    thread = threading.Thread(target=serve.run, args=(build_app(args),),
+                              kwargs={"name": "rolling", "route_prefix": "/rolling"}, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_redeploy_drains_in_flight_streams_and_serves_newcomers(rolling):
+    before = {r["replica"] for r in httpx.get(f"{rolling}/info", timeout=30).json()["replicas"]}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=180) as client:
+            started = [asyncio.Event() for _ in range(6)]
+            in_flight = [asyncio.create_task(stream(client, rolling, body(400), on_token=lambda r, e=e: e.set()))
+                         for e in started]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            update = redeploy({**ARGS, "max_stop_sequences": 5})  # a changed config: every replica is replaced
+            newcomers = []
+            while update.is_alive():  # requests keep arriving during the rolling update
+                newcomers.append(asyncio.create_task(stream(client, rolling, body(10))))
+                await asyncio.sleep(0.3)
+            return await asyncio.gather(*in_flight), await asyncio.gather(*newcomers)
+
+    drained, newcomers = run(scenario())
+    assert all(r.complete and len(r.tokens) == 400 for r in drained), drained  # none was cut
+    assert newcomers
+    for r in newcomers:  # served, or refused cleanly while nothing could take it; never cut
+        assert r.complete or (r.status == 503 and len(r.errors) == 1), r
+    assert sum(r.complete for r in newcomers) >= len(newcomers) // 2
+    after = wait_until(lambda: {r["replica"] for r in httpx.get(f"{rolling}/info", timeout=30).json()["replicas"]},
+                       30, what="replicas listed")
+    assert not before & after, (before, after)  # all replaced
+    assert httpx.get(f"{rolling}/info", timeout=30).json()["max_stop_sequences"] == 5
+
+
+def test_drain_finishes_in_flight_streams_before_the_app_goes(cluster):
+    """`python -m deployments.drain`, the container's SIGTERM handler, up to where it shuts Serve down."""
+    from deployments.drain import drain
+
+    url = cluster.deploy("draining", {**ARGS, "num_replicas": 1})
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=180) as client:
+            started = [asyncio.Event() for _ in range(3)]
+            in_flight = [asyncio.create_task(stream(client, url, body(300), on_token=lambda r, e=e: e.set()))
+                         for e in started]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            began = time.monotonic()
+            deleting = asyncio.create_task(asyncio.to_thread(drain, ["draining"], shutdown=False))
+            await asyncio.sleep(0.5)
+            late = await client.post(f"{url}/generate", json=body(5))
+            results = await asyncio.gather(*in_flight)
+            finished = time.monotonic()
+            await deleting
+            return results, late, finished - began, time.monotonic() - began
+
+    results, late, streams_s, delete_s = run(scenario())
+    cluster.apps.remove("draining")
+    assert all(r.complete and len(r.tokens) == 300 for r in results), results
+    assert late.status_code in (404, 503), late.status_code  # no longer routed: refused, not cut
+    assert delete_s >= streams_s  # the drain waited for them
