@@ -54,9 +54,9 @@ def test_a_redeploy_drains_in_flight_streams_and_serves_newcomers(rolling):
     drained, newcomers = run(scenario())
     assert all(r.complete and len(r.tokens) == 400 for r in drained), drained  # none was cut
     assert newcomers
-    for r in newcomers:  # served, or refused cleanly while nothing could take it; never cut
-        assert r.complete or (r.status == 503 and len(r.errors) == 1), r
-    assert sum(r.complete for r in newcomers) >= len(newcomers) // 2
+    for r in newcomers:  # served, or refused cleanly (no replica yet, or too many waiting); never cut
+        assert r.complete or (r.failed_cleanly and r.errors[0]["error_type"] in ("overloaded", "unhealthy")), r
+    assert any(r.complete for r in newcomers)
     after = wait_until(lambda: {r["replica"] for r in httpx.get(f"{rolling}/info", timeout=30).json()["replicas"]},
                        30, what="replicas listed")
     assert not before & after, (before, after)  # all replaced
