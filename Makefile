@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench-engine clean
+.PHONY: install serve test bench-engine bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 
 bench-engine: install
 	$(BIN)/python scripts/bench_engine.py
+
+# Engine alone vs `serve run serve_config.yaml` vs `transformers serve`, same model and load (a few minutes).
+bench: install
+	$(BIN)/python scripts/bench.py --side-by-side
 
 clean:
 	rm -rf $(VENV) .pytest_cache

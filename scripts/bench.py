@@ -1,0 +1,684 @@
+#!/usr/bin/env python
+"""Load generator for TGI-compatible servers, with a side-by-side mode and a simulated inf2 fleet.
+
+Streams requests (prompts and output lengths drawn from a seed) in a closed loop at N concurrent
+streams, or in an open loop at Poisson request rates, and reports time to first token (TTFT),
+inter-token latency (ITL) and end-to-end latency (p50/p90/p99), request and token throughput and
+errors. Writes a PNG (throughput vs load, latency CDFs) and a JSON file under --out, prints a table,
+then the JSON summary as the last line.
+
+    python scripts/bench.py --url http://localhost:8000 [--api tgi|openai] [--concurrency 1,8,32 | --rate 2,4]
+    python scripts/bench.py --engine                   # the engine in this process: no Ray, no HTTP
+    python scripts/bench.py --side-by-side             # engine alone, `serve run serve_config.yaml`, `transformers serve`
+    python scripts/bench.py --simulate inf2.48xlarge   # a fleet of simulated NeuronCore groups, 1000 streams
+
+Tokens are counted as they arrive: one per TGI event or engine event (special tokens such as EOS
+left out). An OpenAI stream carries text, several tokens per chunk; its tokens are counted against
+the engine's own tokens for the same prompt where the text matches (side-by-side), else by
+re-tokenizing the text so far. A chunk of k tokens counts k ITLs, each its gap to the previous / k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Protocol
+
+import httpx
+import yaml
+from tqdm import tqdm
+
+from neuron_serve.async_engine import AsyncEngine
+from neuron_serve.config import DEFAULT_BATCH_SIZE, Config, load_config
+from neuron_serve.loading import build_engine
+from neuron_serve.model_files import load_tokenizer, resolve_model_dir
+from neuron_serve.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
+from neuron_serve.tiny_model import corpus_path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TARGETS = {"serve_over_engine": 0.85, "ours_over_transformers_serve": 1.5, "serve_ttft_overhead_ms": 5.0,
+           "fleet_over_linear": 0.8}
+
+
+# -- the workload ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str  # the text sent over HTTP
+    prompt_ids: tuple[int, ...]  # the same prompt as the server's tokenizer makes it (BOS included)
+    max_new_tokens: int
+    arrival: float  # seconds from the start of an open-loop run at 1 request/s (divided by the rate)
+
+
+def make_workload(tokenizer, n: int, seed: int, prompt_tokens: tuple[int, int], output_tokens: tuple[int, int]) -> list[Job]:
+    """`n` prompts cut from the tiny model's corpus, lengths uniform in the given ranges, Poisson arrivals."""
+    rng, arrivals = random.Random(seed), random.Random(seed + 1)
+    corpus = tokenizer(corpus_path().read_text(encoding="utf-8"), add_special_tokens=False, verbose=False).input_ids
+    jobs, t = [], 0.0
+    for _ in range(n):
+        length = rng.randint(*prompt_tokens)
+        start = rng.randrange(0, len(corpus) - length)
+        text = tokenizer.decode(corpus[start : start + length])
+        t += arrivals.expovariate(1.0)
+        jobs.append(Job(text, tuple(tokenizer(text).input_ids), rng.randint(*output_tokens), t))
+    return jobs
+
+
+# -- what is measured ------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    start: float = 0.0
+    end: float = 0.0
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival time, tokens in the chunk)
+    error: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+    def itls(self) -> list[float]:
+        return [(at - before) / n for (before, _), (at, n) in zip(self.chunks, self.chunks[1:]) for _ in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = q / 100 * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class Run:
+    target: str
+    concurrency: int | None  # closed loop
+    rate: float | None  # open loop, requests per second
+    records: list[Record]
+    seconds: float
+
+    def latencies(self) -> dict[str, list[float]]:
+        """Seconds: TTFT and end-to-end per successful request, ITL per token."""
+        ok = [r for r in self.records if r.error is None]
+        return {"ttft": [r.chunks[0][0] - r.start for r in ok if r.chunks],
+                "itl": [gap for r in ok for gap in r.itls()],
+                "e2e": [r.end - r.start for r in ok]}
+
+    def summary(self) -> dict:
+        errors = [r.error for r in self.records if r.error is not None]
+        tokens = sum(r.tokens for r in self.records if r.error is None)
+        out = {"target": self.target, "concurrency": self.concurrency, "rate": self.rate,
+               "requests": len(self.records), "errors": len(errors), "seconds": round(self.seconds, 2), "tokens": tokens,
+               "req_s": round((len(self.records) - len(errors)) / self.seconds, 3), "tok_s": round(tokens / self.seconds, 1)}
+        for name, values in self.latencies().items():
+            out[f"{name}_ms"] = {f"p{q}": None if v is None else round(v * 1000, 2)
+                                 for q in (50, 90, 99) for v in [percentile(values, q)]}
+        if errors:
+            out["first_errors"] = sorted(set(errors))[:3]
+        return out
+
+
+# -- targets: a job in, token counts out as they arrive --------------------------------------------
+
+
+class TargetError(Exception):
+    pass
+
+
+class Target(Protocol):
+    name: str
+
+    def stream(self, job: Job) -> AsyncIterator[int]:
+        """Yields how many tokens each piece of the answer holds, as it arrives; raises TargetError."""
+
+
+async def sse_events(client: httpx.AsyncClient, url: str, body: dict) -> AsyncIterator[dict]:
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise TargetError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}")
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                yield json.loads(line[5:])
+
+
+@dataclass
+class TGIStream:
+    """TGI's `/generate_stream`: one event per token, the last with `generated_text`; errors as an event."""
+
+    name: str
+    url: str
+    client: httpx.AsyncClient
+
+    async def stream(self, job: Job) -> AsyncIterator[int]:
+        body = {"inputs": job.prompt, "parameters": {"max_new_tokens": job.max_new_tokens, "do_sample": False}}
+        async for event in sse_events(self.client, f"{self.url}/generate_stream", body):
+            if "error" in event:
+                raise TargetError(f"{event.get('error_type')}: {event['error']}")
+            yield 0 if event["token"]["special"] else 1
+            if event.get("generated_text") is not None:
+                return
+        raise TargetError("the stream ended before its last event")
+
+
+@dataclass
+class OpenAIChatStream:
+    """OpenAI's `/v1/chat/completions` stream, greedy. `reference`: prompt -> each token's text, from
+    the engine; a stream whose text matches it is counted exactly, any other by re-tokenizing."""
+
+    name: str
+    url: str
+    client: httpx.AsyncClient
+    model: str
+    tokenizer: object
+    reference: dict[str, list[str]] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)  # prompts answered
+    matched: set[str] = field(default_factory=set)  # prompts answered with the reference's text exactly
+
+    def count(self, job: Job, text: str) -> tuple[int, bool]:
+        pieces = self.reference.get(job.prompt)
+        if pieces is None or not "".join(pieces).startswith(text):
+            return len(self.tokenizer(text, add_special_tokens=False).input_ids), False
+        length = spanned = 0
+        for n, piece in enumerate(pieces, 1):  # tokens with no text (part of a character) count with the next one
+            if length + len(piece) > len(text):
+                break
+            length += len(piece)
+            spanned = n if piece else spanned
+        return spanned, True
+
+    async def stream(self, job: Job) -> AsyncIterator[int]:
+        body = {"model": self.model, "messages": [{"role": "user", "content": job.prompt}],
+                "max_tokens": job.max_new_tokens, "temperature": 0, "stream": True}
+        text, counted, aligned = "", 0, False
+        async for event in sse_events(self.client, f"{self.url}/v1/chat/completions", body):
+            if "error" in event:
+                raise TargetError(str(event["error"]))
+            choice = (event.get("choices") or [{}])[0]
+            if (choice.get("delta") or {}).get("content"):
+                text += choice["delta"]["content"]
+                now, aligned = self.count(job, text)
+                yield max(0, now - counted)
+                counted = max(now, counted)
+            if choice.get("finish_reason"):
+                self.seen.add(job.prompt)
+                if aligned and "".join(self.reference[job.prompt]) == text:
+                    self.matched.add(job.prompt)
+                return
+        raise TargetError("the stream ended without a finish_reason")
+
+
+@dataclass
+class EngineStream:
+    """The engine in this process (no Ray, no HTTP), fed the prompt ids the ingress would make."""
+
+    name: str
+    engine: AsyncEngine
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # prompt -> each generated token's text
+
+    async def stream(self, job: Job) -> AsyncIterator[int]:
+        request = GenerationRequest(uuid.uuid4().hex, job.prompt_ids, SamplingParams(), StoppingParams(job.max_new_tokens))
+        texts = self.outputs[job.prompt] = []
+        async for events in self.engine.generate(request):
+            if isinstance(events[-1], ErrorEvent):
+                raise TargetError(f"{events[-1].error_type}: {events[-1].message}")
+            tokens = [e.token for e in events if isinstance(e, TokenEvent) and not e.token.special]
+            texts += [t.text for t in tokens]
+            yield len(tokens)
+
+
+@contextlib.asynccontextmanager
+async def engine_target(config: Config) -> AsyncIterator[EngineStream]:
+    if config.backend == "torch" and config.replica_cpus >= 1:  # as a NeuronBatcher replica sets itself up
+        import torch
+
+        torch.set_num_threads(int(config.replica_cpus))
+    engine = AsyncEngine(build_engine(config))
+    engine.start()
+    try:
+        yield EngineStream("engine", engine)
+    finally:
+        engine.stop()
+
+
+@contextlib.asynccontextmanager
+async def http_target(kind, name: str, url: str, **extra) -> AsyncIterator[Target]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=60), limits=limits) as client:
+        yield kind(name, url.rstrip("/"), client, **extra)
+
+
+# -- the load loop ---------------------------------------------------------------------------------
+
+
+async def drive(target: Target, job: Job, record: Record) -> None:
+    record.start = time.perf_counter()
+    try:
+        async for tokens in target.stream(job):
+            if tokens:
+                record.chunks.append((time.perf_counter(), tokens))
+    except (TargetError, httpx.HTTPError, json.JSONDecodeError) as e:
+        record.error = f"{type(e).__name__}: {e}"
+    record.end = time.perf_counter()
+
+
+async def run_load(target: Target, jobs: list[Job], concurrency: int | None = None, rate: float | None = None,
+                   quiet: bool = False) -> Run:
+    """Closed loop (`concurrency` streams, each sends its next job when one ends) or open loop (`rate`)."""
+    records = [Record() for _ in jobs]
+    label = f"{target.name}, " + (f"{concurrency} streams" if rate is None else f"{rate} requests/s")
+    bar = tqdm(total=len(jobs), desc=label, file=sys.stderr, leave=False, disable=quiet)
+
+    async def one(i: int) -> None:
+        await drive(target, jobs[i], records[i])
+        bar.update()
+
+    start = time.perf_counter()
+    if rate is None:
+        queue = iter(range(len(jobs)))
+
+        async def stream() -> None:
+            for i in queue:
+                await one(i)
+
+        await asyncio.gather(*(stream() for _ in range(concurrency)))
+    else:
+        tasks = []
+        for i, job in enumerate(jobs):
+            await asyncio.sleep(max(0.0, start + job.arrival / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    bar.close()
+    return Run(target.name, None if rate else concurrency, rate, records, time.perf_counter() - start)
+
+
+def measure(open_target, jobs: list[Job], levels: list[int] = (), rates: list[float] = (),
+            per_stream: int | None = None, keep=None) -> list[Run]:
+    """Warm the target up, then one run per rate (all jobs), or per concurrency level: on the first
+    `per_stream` x streams jobs (at least 8), or on all when `per_stream` is None."""
+
+    async def main() -> list[Run]:
+        async with open_target() as target:
+            await run_load(target, jobs[:2], concurrency=1, quiet=True)  # one at a time: a server may load lazily
+            if keep is not None:
+                keep.append(target)
+            if rates:
+                return [await run_load(target, jobs, rate=r) for r in rates]
+            return [await run_load(target, jobs if per_stream is None else jobs[: max(8, per_stream * c)], concurrency=c)
+                    for c in levels]
+
+    return asyncio.run(main())
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def print_table(runs: list[Run]) -> None:
+    print(f"{'target':28} {'load':>9} {'reqs':>5} {'errs':>5} {'req/s':>7} {'tok/s':>8}  "
+          f"{'TTFT ms p50/p90/p99':>20}  {'ITL ms p50/p90/p99':>18}  {'e2e ms p50/p90/p99':>20}")
+    for run in runs:
+        s = run.summary()
+        cols = ["/".join("-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in s[k].values())
+                for k in ("ttft_ms", "itl_ms", "e2e_ms")]
+        load = f"c={run.concurrency}" if run.rate is None else f"{run.rate}/s"
+        print(f"{run.target:28} {load:>9} {s['requests']:5} {s['errors']:5} {s['req_s']:7.2f} {s['tok_s']:8.1f}  "
+              f"{cols[0]:>20}  {cols[1]:>18}  {cols[2]:>20}")
+        for error in s.get("first_errors", []):
+            print(f"    error: {error}")
+
+
+def plot(runs: list[Run], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for name in dict.fromkeys(r.target for r in runs):
+        mine = [r for r in runs if r.target == name]
+        xs = [r.concurrency if r.rate is None else r.rate for r in mine]
+        axes[0][0].plot(xs, [r.summary()["tok_s"] for r in mine], "o-", label=name)
+        for ax, (metric, values) in zip(axes.flat[1:], mine[-1].latencies().items()):  # CDFs at the heaviest load
+            values = sorted(v * 1000 for v in values)
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=f"{name} ({xs[-1]})")
+            ax.set(title=f"{metric.upper()} CDF", xlabel="ms", ylabel="fraction of requests (ITL: tokens)", xscale="log")
+    axes[0][0].set(title="token throughput", xlabel="requests/s" if runs[0].rate else "concurrent streams", ylabel="tokens/s")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def verdict(name: str, value: float | None, at_most: bool = False) -> str:
+    if value is None:
+        return f"{name}: not measured"
+    met = value <= TARGETS[name] if at_most else value >= TARGETS[name]
+    return f"{name}: {value} (target {'<=' if at_most else '>='} {TARGETS[name]}: {'met' if met else 'NOT met'})"
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds used so far by this process and its descendants (Ray workers by process title)."""
+    import psutil
+
+    roles = {"ProxyActor": "proxy", "Ingress": "ingress", "NeuronBatcher": "batchers", "transformers": "transformers serve"}
+    me = psutil.Process()
+    totals = {"load generator": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(child.cmdline())
+            role = next((r for key, r in roles.items() if key in title), "other (Ray, Serve controller)")
+            totals[role] = totals.get(role, 0.0) + sum(child.cpu_times()[:2])
+    return totals
+
+
+def cpu_ms_per_token(before: dict[str, float], runs: list[Run]) -> dict[str, float]:
+    """CPU milliseconds each role spent per streamed token since `before`, over these runs."""
+    tokens = sum(r.summary()["tokens"] for r in runs)
+    return {k: round(1000 * (v - before.get(k, 0.0)) / tokens, 2) for k, v in cpu_seconds_by_role().items()}
+
+
+# -- servers in subprocesses -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}/health did not answer 200 in {timeout:.0f}s (exit code {process and process.poll()})")
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], url: str, log: Path, env: dict[str, str] | None = None):
+    """`cmd` in its own process group while the block runs; then Ctrl-C, and SIGKILL a minute later."""
+    with log.open("w") as out:
+        process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_healthy(url, 600, process)
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def pass_through_model(model_dir: Path, into: Path) -> Path:
+    """The same model files, with a chat template of BOS + the user's text, so that a chat route sees
+    the prompt ids `/generate_stream` does."""
+    for f in model_dir.iterdir():
+        if f.name not in ("chat_template.jinja", "tokenizer_config.json"):
+            (into / f.name).symlink_to(f.resolve())
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (into / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (into / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[-1]['content'] }}")
+    return into
+
+
+def last_error_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if "Error" in line]
+    return lines[-1][:200] if lines else "nothing logged"
+
+
+# -- modes -----------------------------------------------------------------------------------------
+
+
+def serve_run(serve_config: dict, tmp: Path, sweep, out: Path) -> tuple[list[Run], dict[str, float]]:
+    """`serve run` on a copy of serve_config.yaml listening on a free local port; CPU per token by role."""
+    port = free_port()
+    serve_config["http_options"].update(host="127.0.0.1", port=port)
+    (tmp / "serve_config.yaml").write_text(yaml.safe_dump(serve_config))
+    url = f"http://127.0.0.1:{port}"
+    with server([str(BIN / "serve"), "run", str(tmp / "serve_config.yaml")], url, out / "serve_run.log",
+                env={"RAY_ADDRESS": "local"}):
+        before = cpu_seconds_by_role()
+        runs = sweep(lambda: http_target(TGIStream, "serve run (HTTP)", url))
+        return runs, cpu_ms_per_token(before, runs)
+
+
+def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, sweep,
+                       out: Path) -> tuple[list[Run], str, OpenAIChatStream]:
+    """`transformers serve` on the same model: with --continuous_batching where it streams tokens, else its default."""
+    failure, peer = None, []
+    for continuous in (True, False):
+        port = free_port()
+        url, log = f"http://127.0.0.1:{port}", out / f"transformers_serve{'_cb' if continuous else ''}.log"
+        cmd = [str(BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning"]
+        open_peer = lambda: http_target(OpenAIChatStream, "transformers serve", url, model=model,  # noqa: E731
+                                        tokenizer=tokenizer, reference=reference)
+        with server(cmd + ["--continuous_batching"] * continuous, url, log):
+            probe = measure(open_peer, [probe_job], [1])[0].records[0] if continuous else None
+            if probe and (probe.error or not probe.tokens):
+                failure = f"{probe.error or 'no tokens streamed'} (server log: {last_error_line(log)})"
+                continue
+            mode = "--continuous_batching" if continuous else \
+                f"default (one generate() thread per request); --continuous_batching failed: {failure}"
+            return sweep(open_peer, keep=peer), mode, peer[0]
+
+
+def side_by_side(args) -> tuple[dict, list[Run]]:
+    serve_config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config = load_config(serve_config["applications"][0]["args"])
+    config = config.model_copy(update={"backend": "torch" if config.backend == "auto" else config.backend})
+    batch = config.max_batch_size or DEFAULT_BATCH_SIZE
+    levels = args.concurrency or sorted({1, max(1, batch // 2), batch})
+    model_dir = resolve_model_dir(config)
+    tokenizer = load_tokenizer(model_dir)
+    jobs = make_workload(tokenizer, max(8, args.per_stream * max(levels)), args.seed, args.prompt_tokens, args.output_tokens)
+    def sweep(open_target, keep=None) -> list[Run]:
+        return measure(open_target, jobs, levels, per_stream=args.per_stream, keep=keep)
+
+    engine = []
+    runs = sweep(lambda: engine_target(config), keep=engine)
+    with tempfile.TemporaryDirectory() as tmp:
+        served, serve_cpu = serve_run(serve_config, Path(tmp), sweep, args.out)
+        model = str(pass_through_model(model_dir, Path(tmp)))
+        peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out)
+    runs += served + peer_runs
+
+    at = {(r.target, r.concurrency): r.summary() for r in runs}
+    names = {"engine": "engine", "serve": "serve run (HTTP)", "transformers_serve": "transformers serve"}
+    top = {key: at.get((name, batch)) for key, name in names.items()}
+    idle = [at.get((names[key], 1)) for key in ("engine", "serve")]
+    p50 = lambda metric: {k: s and s[metric]["p50"] for k, s in top.items()}  # noqa: E731
+    tok_s = {k: s and s["tok_s"] for k, s in top.items()}
+    summary = {
+        "mode": "side-by-side", "model": config.model_id, "batch_size": batch, "concurrency": levels,
+        "transformers_serve_mode": mode,
+        "transformers_serve_matched_engine": f"{len(peer.matched)}/{len(peer.seen)}",
+        "serve_over_engine": ratio(tok_s["serve"], tok_s["engine"]),
+        "ours_over_transformers_serve": ratio(tok_s["serve"], tok_s["transformers_serve"]),
+        "serve_ttft_overhead_ms": round(idle[1]["ttft_ms"]["p50"] - idle[0]["ttft_ms"]["p50"], 2) if all(idle) else None,
+        "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_ttft_ms": p50("ttft_ms"),
+        "serve_run_cpu_ms_per_token": serve_cpu,
+    }
+    print_table(runs)
+    print(f"\ntransformers serve mode: {mode}")
+    print(f"transformers serve's text = the engine's on {summary['transformers_serve_matched_engine']} prompts "
+          "(tokens counted exactly there, by re-tokenizing elsewhere)")
+    print(f"CPU ms per streamed token in the serve run sweep ({os.cpu_count()} CPUs here): "
+          + ", ".join(f"{k} {v}" for k, v in serve_cpu.items()))
+    print(f"at concurrency {batch} (the batch size):")
+    print("  " + verdict("serve_over_engine", summary["serve_over_engine"]))
+    itl = summary["p50_itl_ms"]
+    lower = itl["serve"] is not None and itl["transformers_serve"] is not None and itl["serve"] < itl["transformers_serve"]
+    print("  " + verdict("ours_over_transformers_serve", summary["ours_over_transformers_serve"])
+          + f", with {'a lower' if lower else 'NOT a lower'} p50 ITL")
+    for metric in ("p50_itl_ms", "p50_ttft_ms"):
+        print(f"  {metric}: " + ", ".join(f"{k} {v}" for k, v in summary[metric].items()))
+    print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True))
+    return summary, runs
+
+
+def simulate(args) -> tuple[dict, list[Run]]:
+    from neuron_serve.instances import lookup
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver and its cluster must agree (see tests/serve/conftest.py)
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    cores, group, batch = lookup(args.simulate).cores, 2, args.batch
+    replicas = cores // group
+    base = {"model_id": args.model, "backend": "simulated", "cores_per_replica": group, "max_batch_size": batch,
+            "max_total_tokens": 1024, "max_input_tokens": 512, "simulated_params": args.params,
+            "replica_cpus": 0.1, "max_concurrent_requests": 2 * args.streams}
+    jobs = make_workload(load_tokenizer(resolve_model_dir(Config(model_id=args.model))), args.streams, args.seed,
+                         args.prompt_tokens, args.output_tokens)
+    port = free_port()
+    ray.init(address="local", num_cpus=8, resources={"neuron_cores": cores}, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False)
+    runs, cpu = [], {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+        def deploy(name: str, app_args: dict) -> str:
+            serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
+            wait_healthy(f"http://127.0.0.1:{port}/{name}", 300)
+            return f"http://127.0.0.1:{port}/{name}"
+
+        # One replica kept full (its rows and a queue as deep), through as many waves of requests as each fleet replica.
+        url = deploy("one", {**base, "num_replicas": 1})
+        runs += measure(lambda: http_target(TGIStream, "1 replica", url), jobs[: args.streams // replicas], [2 * batch])
+        serve.delete("one")
+        for ingress in args.ingress_replicas:  # a fresh app each time: a redeploy would roll replicas mid-run
+            url = deploy(f"fleet{ingress}", {**base, "ingress_replicas": ingress})
+            before = cpu_seconds_by_role()
+            name = f"{replicas} replicas, {ingress} ingress"
+            runs += measure(lambda: http_target(TGIStream, name, url), jobs, [args.streams])
+            cpu[ingress] = cpu_ms_per_token(before, runs[-1:])
+            serve.delete(f"fleet{ingress}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    single = runs[0].summary()["tok_s"]
+    fleets = {ingress: run.summary() for ingress, run in zip(args.ingress_replicas, runs[1:])}
+    over_linear = {i: ratio(s["tok_s"], replicas * single) for i, s in fleets.items()}
+    lost = {i: args.streams - (s["requests"] - s["errors"]) for i, s in fleets.items()}
+    best = max(over_linear, key=lambda i: over_linear[i] or 0)
+    # A Serve process is one Python interpreter: about one core. Its CPU per token gives the rate that fills it.
+    ms = cpu[best]
+    serving = sum(v for k, v in ms.items() if k != "load generator")
+    ceilings = {"proxy": round(1000 / ms.get("proxy", 1e-9)), "ingress replica": round(1000 / ms.get("ingress", 1e-9)),
+                f"serving path on this host's {os.cpu_count()} CPUs": round(1000 * os.cpu_count() / serving)}
+    needed = replicas * single
+    where = (f"streaming is CPU-bound: a proxy fills its core at ~{ceilings['proxy']} tok/s, an ingress replica at "
+             f"~{ceilings['ingress replica']} tok/s, the whole serving path fills this host at ~{list(ceilings.values())[2]} "
+             f"tok/s; linear ({needed:.0f} tok/s) needs >= {-(-needed // ceilings['ingress replica']):.0f} ingress "
+             f"replica(s) and >= {-(-needed // ceilings['proxy']):.0f} proxy(ies), i.e. nodes (one proxy per node)")
+    print_table(runs)
+    print(f"\n{args.simulate}: {cores} neuron_cores, {group} per group -> {replicas} replicas of a simulated "
+          f"{args.params / 1e9:g}B model at batch {batch}; {args.streams} concurrent streams per fleet run")
+    for i, s in fleets.items():
+        print(f"  {i} ingress replica(s): {s['requests'] - s['errors']}/{args.streams} streams completed, {lost[i]} lost; "
+              f"{s['tok_s']} tok/s = {over_linear[i]} x linear ({replicas} x {single}); "
+              f"CPU ms per token: {', '.join(f'{k} {v}' for k, v in cpu[i].items())}")
+    print("  " + verdict("fleet_over_linear", over_linear[best]))
+    print(f"  saturation: {where}")
+    summary = {"mode": "simulate", "instance": args.simulate, "replicas": replicas, "streams": args.streams,
+               "simulated_params": args.params, "single_replica_tok_s": single, "fleet_over_linear": over_linear[best],
+               "by_ingress_replicas": {str(i): {"tok_s": fleets[i]["tok_s"], "fleet_over_linear": over_linear[i],
+                                                "lost": lost[i], "cpu_ms_per_token": cpu[i]} for i in fleets},
+               "saturation_tok_s": ceilings, "saturation": where}
+    return summary, runs
+
+
+def load_test(args) -> tuple[dict, list[Run]]:
+    tokenizer = load_tokenizer(resolve_model_dir(Config(model_id=args.model)))
+    levels = args.concurrency or [1, 8, 32]
+    jobs = make_workload(tokenizer, args.requests or max(8, args.per_stream * max(levels)), args.seed,
+                         args.prompt_tokens, args.output_tokens)
+    if args.engine:
+        config = load_config({"model_id": args.model, "max_batch_size": args.batch, "backend": "torch"})
+        open_target = lambda: engine_target(config)  # noqa: E731
+    elif args.api == "tgi":
+        open_target = lambda: http_target(TGIStream, args.url, args.url)  # noqa: E731
+    else:
+        open_target = lambda: http_target(OpenAIChatStream, args.url, args.url,  # noqa: E731
+                                          model=args.openai_model or args.model, tokenizer=tokenizer)
+    runs = measure(open_target, jobs, levels, args.rate or (), None if args.requests else args.per_stream)
+    print_table(runs)
+    return {"mode": "engine" if args.engine else args.api}, runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    span = lambda text: tuple(int(x) for x in (text + ":" + text).split(":")[:2])  # noqa: E731  "16:256" or "64"
+    numbers = lambda kind: lambda text: [kind(x) for x in text.split(",")]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--url", help="a TGI-compatible server (ours or TGI), e.g. http://localhost:8000")
+    what.add_argument("--engine", action="store_true", help="the engine in this process (no Ray, no HTTP)")
+    what.add_argument("--side-by-side", action="store_true", help="engine alone, serve run, transformers serve")
+    what.add_argument("--simulate", metavar="INSTANCE", help="a simulated fleet on this instance type's NeuronCores")
+    parser.add_argument("--api", choices=["tgi", "openai"], default="tgi",
+                        help="--url: /generate_stream or /v1/chat/completions")
+    parser.add_argument("--openai-model", help="--api openai: the request's `model` (default: --model)")
+    parser.add_argument("--model", default=Config().model_id, help="the tokenizer's (and --engine's) model")
+    parser.add_argument("--concurrency", type=numbers(int), help="closed loop: concurrent streams, e.g. 1,8,32")
+    parser.add_argument("--rate", type=numbers(float), help="open loop: Poisson request rates per second, e.g. 2,4")
+    parser.add_argument("--requests", type=int, help="requests per run (default: --per-stream x streams, at least 8)")
+    parser.add_argument("--per-stream", type=int, default=4, help="closed loop: requests per stream")
+    parser.add_argument("--prompt-tokens", type=span, default=(16, 256), help="uniform range, e.g. 16:256")
+    parser.add_argument("--output-tokens", type=span, help="max_new_tokens range (default 32:128, --simulate 16:64)")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, help="--engine, --simulate: batch size")
+    parser.add_argument("--streams", type=int, default=1000, help="--simulate: concurrent streams")
+    parser.add_argument("--params", type=float, default=8e9, help="--simulate: the simulated model's parameters")
+    parser.add_argument("--ingress-replicas", type=numbers(int), default=[1, 2],
+                        help="--simulate: ingress replica counts to compare")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the PNG, JSON and server logs go")
+    args = parser.parse_args(argv)
+    args.output_tokens = args.output_tokens or ((16, 64) if args.simulate else (32, 128))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    mode = "side-by-side" if args.side_by_side else "simulate" if args.simulate else "engine" if args.engine else "url"
+    summary, runs = {"side-by-side": side_by_side, "simulate": simulate}.get(mode, load_test)(args)
+    summary["png"] = str(args.out / f"bench-{mode}.png")
+    plot(runs, Path(summary["png"]), f"scripts/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    summary["runs"] = [r.summary() for r in runs]
+    (args.out / f"bench-{mode}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The load generator (`scripts/bench.py`): its summary math, its two loops, and a run on the engine
+ending with the JSON summary (figures are not judged here)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_percentile_interpolates_between_ranks(bench):
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([7.0], 99) == 7.0
+    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert bench.percentile(list(range(101)), 90) == 90
+    assert bench.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+
+
+def test_summary_of_a_run(bench):
+    ok = bench.Record(start=0.0, end=1.0, chunks=[(0.2, 1), (0.4, 1), (1.0, 3)])  # a chunk of 3 tokens: 3 ITLs of 0.2
+    slow = bench.Record(start=0.5, end=2.5, chunks=[(1.5, 1), (2.5, 1)])
+    failed = bench.Record(start=0.0, end=0.1, chunks=[(0.05, 1)], error="TargetError: overloaded")
+    assert ok.tokens == 5 and ok.itls() == pytest.approx([0.2, 0.2, 0.2, 0.2])
+    s = bench.Run("t", 2, None, [ok, slow, failed], seconds=2.0).summary()
+    assert (s["requests"], s["errors"], s["tokens"]) == (3, 1, 7)
+    assert s["req_s"] == 1.0 and s["tok_s"] == 3.5
+    assert s["ttft_ms"]["p50"] == pytest.approx(600.0)  # 200 and 1000 ms; the failed request does not count
+    assert s["itl_ms"]["p50"] == pytest.approx(200.0) and s["itl_ms"]["p99"] == pytest.approx(968.0)
+    assert s["e2e_ms"] == {"p50": 1500.0, "p90": 1900.0, "p99": 1990.0}
+    assert s["first_errors"] == ["TargetError: overloaded"]
+
+
+class SleepyTarget:
+    """Answers every job with `max_new_tokens` tokens, 10 ms apart; counts requests in flight."""
+
+    name = "sleepy"
+
+    def __init__(self):
+        self.in_flight = self.most_in_flight = 0
+
+    async def stream(self, job):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            for _ in range(job.max_new_tokens):
+                await asyncio.sleep(0.01)
+                yield 1
+        finally:
+            self.in_flight -= 1
+
+
+def jobs(bench, n):
+    return [bench.Job(f"prompt {i}", (0, i), 3, arrival=i * 0.5) for i in range(n)]
+
+
+def test_closed_loop_keeps_n_streams_busy(bench):
+    target = SleepyTarget()
+    run = asyncio.run(bench.run_load(target, jobs(bench, 9), concurrency=3, quiet=True))
+    assert target.most_in_flight == 3 and run.concurrency == 3 and run.rate is None
+    assert all(r.error is None and r.tokens == 3 for r in run.records)
+
+
+def test_open_loop_sends_at_the_arrival_times(bench):
+    run = asyncio.run(bench.run_load(SleepyTarget(), jobs(bench, 4), rate=10.0, quiet=True))  # arrivals 0, 50, 100, 150 ms
+    starts = [r.start - run.records[0].start for r in run.records]
+    assert starts == pytest.approx([0.0, 0.05, 0.1, 0.15], abs=0.03)
+    assert run.concurrency is None and run.summary()["tokens"] == 12
+
+
+def test_openai_text_is_counted_against_the_reference_tokens(bench):
+    class CharTokenizer:  # one token per character
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoding", (), {"input_ids": list(text)})
+
+    job = bench.Job("p", (0,), 8, 0.0)
+    stream = bench.OpenAIChatStream("t", "", None, "m", CharTokenizer(), reference={"p": [" Hello", ",", "", " world"]})
+    assert stream.count(job, " Hello,") == (2, True)
+    assert stream.count(job, " Hello, world") == (4, True)  # a token with no text counts with the next one
+    assert stream.count(job, " Goodbye") == (8, False)  # not the reference's text: re-tokenized
+
+
+def test_bench_on_the_engine_ends_with_the_json_summary(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--engine", "--concurrency", "1,2", "--requests", "4",
+         "--prompt-tokens", "8:32", "--output-tokens", "4:8", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "engine" and [r["concurrency"] for r in summary["runs"]] == [1, 2]
+    for run in summary["runs"]:
+        assert run["requests"] == 4 and run["errors"] == 0
+        assert run["tokens"] > 0 and run["tok_s"] > 0 and run["req_s"] > 0
+        for metric in ("ttft_ms", "itl_ms", "e2e_ms"):
+            assert set(run[metric]) == {"p50", "p90", "p99"} and run[metric]["p50"] > 0
+    assert Path(summary["png"]).stat().st_size > 0
+    assert json.loads((tmp_path / "bench-engine.json").read_text())["runs"] == summary["runs"]
