@@ -25,6 +25,15 @@ from .ingress import Ingress
 
 logger = logging.getLogger("ray.serve")
 
+# Ray Serve's own throughput settings, for both deployments' processes: user code and the handle's
+# router on the replica's event loop (no thread hop per streamed item).
+# Measured on the tiny model at 8 streams, 2-core CPU: 166 vs 142 tokens/s (gRPC handles, also tried,
+# added ~190 tokens/s but slowed detecting a dead replica by minutes).
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -72,7 +81,7 @@ def build_app(args: dict[str, Any]) -> Application:
     config = config.model_copy(update={"backend": layout.backend})
     slots = model_limits(config, resolve_model_dir(config, weights=False)).max_batch_size
 
-    actor_options: dict[str, Any] = {"num_cpus": config.replica_cpus}
+    actor_options: dict[str, Any] = {"num_cpus": config.replica_cpus, "runtime_env": {"env_vars": SERVE_ENV}}
     if layout.neuron_cores:
         actor_options["resources"] = {"neuron_cores": layout.neuron_cores}
     replicas: dict[str, Any] = (
@@ -91,7 +100,7 @@ def build_app(args: dict[str, Any]) -> Application:
     )
     ingress = serve.deployment(Ingress, name="Ingress").options(
         num_replicas=config.ingress_replicas,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_ENV}},
         # Above the 429 limit, so that excess requests reach the ingress and are refused at once.
         max_ongoing_requests=config.max_concurrent_requests + 100,
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
