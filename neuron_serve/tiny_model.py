@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 TINY_MODEL_ID = "neuron-serve/tiny-llama"
-FORMAT_VERSION = 1  # bump when the generated files change, so caches are rebuilt
+FORMAT_VERSION = 2  # bump when the generated files change, so caches are rebuilt
 
 VOCAB_SIZE = 2048
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
@@ -146,6 +146,7 @@ def build_tiny_model(out_dir: str | os.PathLike) -> Path:
         out / "tokenizer_config.json",
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: Llama's generate refuses them
             "bos_token": BOS,
             "eos_token": IM_END,
             "pad_token": EOS,
