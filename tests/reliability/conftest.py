@@ -81,6 +81,15 @@ async def stream(client: httpx.AsyncClient, url: str, payload: dict, on_token=No
     return result
 
 
+async def streaming(client: httpx.AsyncClient, url: str, n: int, max_new_tokens: int) -> list[asyncio.Task]:
+    """Start `n` streams and return once each has its first token: they are all mid-generation."""
+    started = [asyncio.Event() for _ in range(n)]
+    tasks = [asyncio.create_task(stream(client, url, body(max_new_tokens), on_token=lambda r, e=e: e.set()))
+             for e in started]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+    return tasks
+
+
 def replicas(url: str) -> list[dict]:
     return httpx.get(f"{url}/info", timeout=30).json()["replicas"]
 

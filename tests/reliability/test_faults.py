@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import SIMULATED, all_rows_free, body, replicas, run, stream, wait_until
+from .conftest import SIMULATED, all_rows_free, body, replicas, run, stream, streaming, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +85,7 @@ def test_replica_killed_mid_stream(pair):
 def test_a_failed_prefill_fails_only_its_request(single):
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
-            first_tokens = asyncio.Event()
-            running = asyncio.create_task(stream(client, single, body(200), on_token=lambda r: first_tokens.set()))
-            await asyncio.wait_for(first_tokens.wait(), 60)
+            [running] = await streaming(client, single, 1, 200)
             await batcher("single").inject_fault.remote("prefill", 1)
             refused = await client.post(f"{single}/generate", json=body(10))
             return refused, await running
@@ -104,10 +102,7 @@ def test_a_failed_prefill_fails_only_its_request(single):
 def test_a_failed_decode_fails_its_batch_and_the_replica_keeps_serving(single):
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
-            started = [asyncio.Event() for _ in range(3)]
-            streams = [asyncio.create_task(stream(client, single, body(200), on_token=lambda r, e=e: e.set()))
-                       for e in started]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            streams = await streaming(client, single, 3, 200)
             await batcher("single").inject_fault.remote("decode", 1)
             return await asyncio.gather(*streams)
 

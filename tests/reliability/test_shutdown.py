@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import SIMULATED, body, run, stream, wait_until
+from .conftest import SIMULATED, body, run, stream, streaming, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,7 @@ def test_a_redeploy_drains_in_flight_streams_and_serves_newcomers(rolling):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=180) as client:
-            started = [asyncio.Event() for _ in range(6)]
-            in_flight = [asyncio.create_task(stream(client, rolling, body(400), on_token=lambda r, e=e: e.set()))
-                         for e in started]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            in_flight = await streaming(client, rolling, 6, 400)
             update = redeploy({**ARGS, "max_stop_sequences": 5})  # a changed config: every replica is replaced
             newcomers = []
             while update.is_alive():  # requests keep arriving during the rolling update
@@ -71,10 +68,7 @@ def test_drain_finishes_in_flight_streams_before_the_app_goes(cluster):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=180) as client:
-            started = [asyncio.Event() for _ in range(3)]
-            in_flight = [asyncio.create_task(stream(client, url, body(300), on_token=lambda r, e=e: e.set()))
-                         for e in started]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            in_flight = await streaming(client, url, 3, 300)
             began = time.monotonic()
             deleting = asyncio.create_task(asyncio.to_thread(drain, ["draining"], shutdown=False))
             await asyncio.sleep(0.5)
