@@ -119,10 +119,9 @@ class NeuronBatcher:
 
     async def inject_fault(self, kind: str, times: int) -> None:
         """Tests only (`fault_injection: true`): the next `times` forwards of `kind` fail in the backend."""
-        backend = self.engine.engine.backend
         if not self.config.fault_injection:
             raise PermissionError("fault injection is off on this replica (`fault_injection: false`)")
-        backend.arm(kind, times)
+        self.engine.engine.backend.arm(kind, times)
 
     async def check_health(self) -> None:
         """Ray Serve's health check: a replica whose step loop died or whose backend keeps failing is restarted."""

@@ -16,8 +16,10 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator, Protocol
 
 from neuron_serve.config import Config, Limits
-from neuron_serve.errors import IncompleteGenerationError, OverloadedError, ServeError, ValidationError
-from neuron_serve.request import ErrorEvent, Event, GenerationRequest
+from neuron_serve.errors import (
+    BatchSizeError, IncompleteGenerationError, OverloadedError, ServeError, SuffixError, ToolError, ValidationError,
+)
+from neuron_serve.request import ErrorEvent, Event, GenerationRequest, TokenEvent
 
 from . import responses as R
 from .schemas import ChatRequest, CompletionRequest, GenerateParameters, GenerateRequest
@@ -56,18 +58,6 @@ FAILURE_LABEL = {
     "incomplete_generation_stream": "incomplete",
     "template_error": "template",
 }
-
-
-class ToolError(ServeError):
-    error_type = "tool_error"
-
-
-class BatchSizeError(ServeError):
-    error_type = "batch size exceeded"
-
-
-class SuffixError(ServeError):
-    error_type = "suffix not supported"
 
 
 def error_message(error: ServeError) -> str:
@@ -170,6 +160,21 @@ class TextGeneration:
         f = g.finish
         self.metrics.succeeded(time.monotonic() - started, f.queue_time, f.inference_time, f.generated_tokens)
 
+    async def _tokens(self, valid: ValidRequest, started: float) -> AsyncIterator[TokenEvent]:
+        """The request's token events up to its last one, for the streaming routes: a failure raises its
+        `ServeError`, the success is counted as the last token passes, and a stream that ends without a
+        last token is an incomplete generation."""
+        async with contextlib.aclosing(self.source.stream(valid.request)) as events:
+            async for event in events:
+                if isinstance(event, ErrorEvent):
+                    R.raise_for(event)
+                if event.finish is not None:
+                    self._succeeded(started, R.Generated(finish=event.finish))
+                yield event
+                if event.finish is not None:
+                    return
+        raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
+
     # -- TGI ---------------------------------------------------------------------------------------
 
     async def generate(self, body: GenerateRequest, return_full_text_default: bool = False) -> tuple[dict, dict[str, str]]:
@@ -213,15 +218,9 @@ class TextGeneration:
                     raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
                 with self.permits.take():
                     valid = self._validate(body.inputs, p, return_full_text_default=return_full_text_default)
-                    async for event in self.source.stream(valid.request):
-                        if isinstance(event, ErrorEvent):
-                            R.raise_for(event)
-                        if event.finish is not None:
-                            self._succeeded(started, R.Generated(finish=event.finish))
-                        yield R.sse(R.stream_event(valid, event))
-                        if event.finish is not None:
-                            return
-                raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
+                    async with contextlib.aclosing(self._tokens(valid, started)) as tokens:
+                        async for event in tokens:
+                            yield R.sse(R.stream_event(valid, event))
         except ServeError as e:
             yield R.sse(R.error_json(e.error_type, error_message(e)))
 
@@ -292,18 +291,11 @@ class TextGeneration:
             with self._accounted():
                 with self.permits.take():
                     valid = self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
-                    async for event in self.source.stream(valid.request):
-                        if isinstance(event, ErrorEvent):
-                            R.raise_for(event)
-                        if event.finish is not None:
-                            self._succeeded(started, R.Generated(finish=event.finish))
-                        yield R.sse(R.chat_chunk(ctx, event))
-                        if event.finish is not None:
-                            if ctx.include_usage:
+                    async with contextlib.aclosing(self._tokens(valid, started)) as tokens:
+                        async for event in tokens:
+                            yield R.sse(R.chat_chunk(ctx, event))
+                            if event.finish is not None and ctx.include_usage:
                                 yield R.sse(R.chat_usage_chunk(ctx, valid, event.finish))
-                            break
-                    else:
-                        raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
         except ServeError as e:
             yield R.openai_stream_error(error_message(e))
         yield R.DONE
@@ -371,15 +363,9 @@ class TextGeneration:
             try:
                 with self._accounted(), self.permits.take():
                     valid = self._validate(prompt, params)
-                    async for event in self.source.stream(valid.request):
-                        if isinstance(event, ErrorEvent):
-                            R.raise_for(event)
-                        if event.finish is not None:
-                            self._succeeded(started, R.Generated(finish=event.finish))
-                        await queue.put(R.sse(R.completion_chunk(ctx, index, valid, event)))
-                        if event.finish is not None:
-                            return
-                    raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
+                    async with contextlib.aclosing(self._tokens(valid, started)) as tokens:
+                        async for event in tokens:
+                            await queue.put(R.sse(R.completion_chunk(ctx, index, valid, event)))
             except ServeError as e:
                 await queue.put(R.openai_stream_error(error_message(e)))
             finally:

@@ -36,5 +36,21 @@ class IncompleteGenerationError(ServeError):
     error_type = "incomplete_generation"
 
 
+class ToolError(ServeError):
+    """Chat `tools` were given; they need constrained decoding, which this server does not have."""
+
+    error_type = "tool_error"
+
+
+class BatchSizeError(ServeError):
+    """More prompts in one /v1/completions request than `max_client_batch_size`."""
+
+    error_type = "batch size exceeded"
+
+
+class SuffixError(ServeError):
+    error_type = "suffix not supported"
+
+
 class ConfigError(ValueError):
     """An inconsistent or invalid setting, found at start; the message names the setting."""
