@@ -45,7 +45,7 @@ class NeuronBatcher:
         # Minutes for a compiled model on inf2: off the event loop, bounded by the configured timeout.
         engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)
         self.metrics = BatcherMetrics(engine.limits, self.cores or "none", engine.scheduler.insertion.name)
-        self.engine = AsyncEngine(engine, on_step=self._on_step)
+        self.engine = AsyncEngine(engine, on_step=self._on_step, stream_interval=config.stream_interval)
         self.engine.start()
         self.last_token_at = 0.0
         self.served = 0  # requests this replica has taken
@@ -110,6 +110,7 @@ class NeuronBatcher:
             "neuron_cores": self.cores or None,
             "backend": engine.backend.description,
             "insertion": engine.scheduler.insertion.name,
+            "stream_interval": self.engine.stream_interval,
             "batch_size": engine.limits.max_batch_size,
             "active": len(engine.batch.active()),
             "waiting": len(engine.waiting),

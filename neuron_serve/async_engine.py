@@ -2,7 +2,10 @@
 
 `generate(request)` is an async iterator of event lists for one request. The step thread hands each
 step's events to the event loop in one call; a caller that falls behind gets the events that piled
-up as one list, so a slow consumer costs one hand-over, not one per token. A caller that stops
+up as one list, so a slow consumer costs one hand-over, not one per token. With `stream_interval`
+N > 1, a request's tokens after its first are handed over N at a time (its first token and its last
+event go at once): each hand-over is a message between processes in Ray Serve, so on a busy host
+fewer of them buy throughput, at the price of tokens arriving in bursts. A caller that stops
 iterating (client disconnect, task cancellation) cancels its request in the engine, which frees its
 row at the next step. A bug in a step fails the requests in flight and the loop keeps going.
 """
@@ -15,7 +18,7 @@ import threading
 from typing import AsyncIterator, Callable
 
 from .engine import Engine, StepStats
-from .request import Event, GenerationRequest, is_last
+from .request import Event, GenerationRequest, TokenEvent, is_last
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +27,12 @@ BROKEN_AFTER_FAILURES = 3  # failed forwards in a row after which the engine rep
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine = engine
         self.on_step = on_step  # called on the event loop after each step (for metrics)
+        self.stream_interval = stream_interval
         self._streams: dict[str, asyncio.Queue[list[Event]]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -65,13 +71,19 @@ class AsyncEngine:
         self.engine.submit(request)
         self._wake.set()
         finished = False
+        pending: list[Event] = []
+        handed_over = 0  # token events handed over so far
         try:
             while not finished:
-                events = await queue.get()
+                pending.extend(await queue.get())
                 while not queue.empty():
-                    events.extend(queue.get_nowait())
-                finished = is_last(events[-1])
-                yield events
+                    pending.extend(queue.get_nowait())
+                finished = is_last(pending[-1])
+                tokens = sum(isinstance(e, TokenEvent) for e in pending)
+                if finished or handed_over == 0 or tokens >= self.stream_interval:
+                    handed_over += tokens
+                    events, pending = pending, []
+                    yield events
         finally:
             del self._streams[request.id]
             if not finished:

@@ -81,6 +81,10 @@ class Config(BaseModel):
         0.0, ge=0, description="prefill mid-batch once waiting >= ratio x running (0: as soon as a row is free)"
     )
     max_waiting_tokens: int = Field(20, ge=0, description="decode steps after which a waiting request is prefilled anyway")
+    stream_interval: int = Field(
+        1, gt=0, description="tokens per hand-over from a batcher after a request's first (1: each as it comes; "
+        "more: fewer messages per token on a busy host, tokens arrive in bursts)"
+    )
 
     # The HTTP front (TGI router limits)
     max_concurrent_requests: int = Field(128, gt=0)

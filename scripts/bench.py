@@ -496,6 +496,8 @@ def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, s
 
 def side_by_side(args) -> tuple[dict, list[Run]]:
     serve_config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    if args.stream_interval:
+        serve_config["applications"][0]["args"]["stream_interval"] = args.stream_interval
     config = load_config(serve_config["applications"][0]["args"])
     config = config.model_copy(update={"backend": "torch" if config.backend == "auto" else config.backend})
     batch = config.max_batch_size or DEFAULT_BATCH_SIZE
@@ -522,6 +524,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     tok_s = {k: s and s["tok_s"] for k, s in top.items()}
     summary = {
         "mode": "side-by-side", "model": config.model_id, "batch_size": batch, "concurrency": levels,
+        "stream_interval": config.stream_interval,
         "transformers_serve_mode": mode,
         "transformers_serve_matched_engine": f"{len(peer.matched)}/{len(peer.seen)}",
         "serve_over_engine": ratio(tok_s["serve"], tok_s["engine"]),
@@ -561,7 +564,7 @@ def simulate(args) -> tuple[dict, list[Run]]:
     replicas = cores // group
     base = {"model_id": args.model, "backend": "simulated", "cores_per_replica": group, "max_batch_size": batch,
             "max_total_tokens": 1024, "max_input_tokens": 512, "simulated_params": args.params,
-            "replica_cpus": 0.1, "max_concurrent_requests": 2 * args.streams}
+            "replica_cpus": 0.1, "max_concurrent_requests": 2 * args.streams, "stream_interval": args.stream_interval or 1}
     jobs = make_workload(load_tokenizer(resolve_model_dir(Config(model_id=args.model))), args.streams, args.seed,
                          args.prompt_tokens, args.output_tokens)
     port = free_port()
@@ -608,7 +611,8 @@ def simulate(args) -> tuple[dict, list[Run]]:
              f"replica(s) and >= {-(-needed // ceilings['proxy']):.0f} proxy(ies), i.e. nodes (one proxy per node)")
     print_table(runs)
     print(f"\n{args.simulate}: {cores} neuron_cores, {group} per group -> {replicas} replicas of a simulated "
-          f"{args.params / 1e9:g}B model at batch {batch}; {args.streams} concurrent streams per fleet run")
+          f"{args.params / 1e9:g}B model at batch {batch}, stream_interval {base['stream_interval']}; "
+          f"{args.streams} concurrent streams per fleet run")
     for i, s in fleets.items():
         print(f"  {i} ingress replica(s): {s['requests'] - s['errors']}/{args.streams} streams completed, {lost[i]} lost; "
               f"{s['tok_s']} tok/s = {over_linear[i]} x linear ({replicas} x {single}); "
@@ -616,6 +620,7 @@ def simulate(args) -> tuple[dict, list[Run]]:
     print("  " + verdict("fleet_over_linear", over_linear[best]))
     print(f"  saturation: {where}")
     summary = {"mode": "simulate", "instance": args.simulate, "replicas": replicas, "streams": args.streams,
+               "stream_interval": base["stream_interval"],
                "simulated_params": args.params, "single_replica_tok_s": single, "fleet_over_linear": over_linear[best],
                "by_ingress_replicas": {str(i): {"tok_s": fleets[i]["tok_s"], "fleet_over_linear": over_linear[i],
                                                 "lost": lost[i], "cpu_ms_per_token": cpu[i]} for i in fleets},
@@ -665,6 +670,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=float, default=8e9, help="--simulate: the simulated model's parameters")
     parser.add_argument("--ingress-replicas", type=numbers(int), default=[1, 2],
                         help="--simulate: ingress replica counts to compare")
+    parser.add_argument("--stream-interval", type=int,
+                        help="--side-by-side, --simulate: the batchers' stream_interval (default: serve_config.yaml's, or 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the PNG, JSON and server logs go")
     args = parser.parse_args(argv)

@@ -73,3 +73,27 @@ def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, referen
         return await collect(async_engine, request("next", prompt, 8))
 
     assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 8)
+
+
+def test_a_stream_interval_hands_tokens_over_in_groups_after_the_first(tiny_model_dir, tokenizer, reference):
+    prompt = tokenizer("Hello").input_ids
+    engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), stream_interval=4)
+
+    async def main():
+        engine.start()
+        return [chunk async for chunk in engine.generate(request("grouped", prompt, 14))]
+
+    try:
+        chunks = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert [e.token.id for c in chunks for e in c] == reference(prompt, 14)
+    sizes = [len(c) for c in chunks]
+    assert sizes[0] == 1  # the first token is not held back
+    assert all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 14
+    assert chunks[-1][-1].finish is not None  # the last group goes at once, however short
+
+
+def test_a_stream_interval_below_one_is_refused(tiny_model_dir, tokenizer):
+    with pytest.raises(ValueError, match="stream_interval"):
+        AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), stream_interval=0)

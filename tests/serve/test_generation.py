@@ -9,6 +9,8 @@ import json
 import httpx
 import pytest
 
+from .conftest import SIDE_ARGS
+
 PROMPT = "What is Deep Learning?"
 N = 12
 
@@ -143,3 +145,19 @@ def test_stop_sequence_through_http(app, expected):
     result = httpx.post(f"{app}/generate", json=body, timeout=60).json()
     assert result["details"]["finish_reason"] == "stop_sequence" and stop in result["generated_text"]
     assert text.startswith(result["generated_text"])
+
+
+def test_a_stream_interval_still_gives_one_event_per_token_in_order(cluster, expected):
+    """`stream_interval: 5`: the batcher hands tokens to the ingress five at a time after the first
+    (how they are grouped is tested on the engine); the client still sees TGI's stream, token by token."""
+    url = cluster.deploy("grouped", {**SIDE_ARGS, "stream_interval": 5})
+    try:
+        ids, text = expected
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": N, "details": True}}
+        events = sse_events(httpx.post(f"{url}/generate_stream", json=body, timeout=60).text)
+        assert [e["token"]["id"] for e in events] == ids
+        assert events[-1]["generated_text"] == text and events[-1]["details"]["generated_tokens"] == N
+        assert all(e["generated_text"] is None for e in events[:-1])
+        assert [r["stream_interval"] for r in httpx.get(f"{url}/info", timeout=30).json()["replicas"]] == [5]
+    finally:
+        cluster.delete("grouped")
