@@ -43,17 +43,16 @@ class BatcherSource:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle.options(stream=True)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         for attempt in range(1, self.ATTEMPTS + 1):
             response = self.handle.generate.remote(request)
             started = finished = False
             try:
                 async for events in response:
-                    for event in events:
-                        started, finished = True, is_last(event)
-                        yield event
-                        if finished:
-                            return
+                    started, finished = True, is_last(events[-1])
+                    yield events
+                    if finished:
+                        return
                 return  # the replica's stream ended without a last event: the caller reports it incomplete
             except REPLICA_LOST as e:
                 if not started and attempt < self.ATTEMPTS:
@@ -67,8 +66,8 @@ class BatcherSource:
                 if not finished:
                     response.cancel()
             logger.warning("request %s lost its replica: %s: %s", request.id, type(failure).__name__, failure)
-            yield ErrorEvent(request.id, "Request failed during generation: the replica serving it failed "
-                                         f"({type(failure).__name__})")
+            yield [ErrorEvent(request.id, "Request failed during generation: the replica serving it failed "
+                                          f"({type(failure).__name__})")]
             return
 
 

@@ -58,18 +58,19 @@ def raise_for(event: ErrorEvent) -> None:
     raise ServeError(event.message, event.error_type)
 
 
-async def gather(events: AsyncIterator[Event]) -> Generated:
+async def gather(handovers: AsyncIterator[list[Event]]) -> Generated:
     generated = Generated()
-    async for event in events:
-        if isinstance(event, ErrorEvent):
-            raise_for(event)
-        generated.tokens.append(event.token)
-        generated.top_tokens.append(event.top_tokens)
-        if event.prompt_tokens is not None:
-            generated.prompt_tokens = event.prompt_tokens
-        if event.finish is not None:
-            generated.finish = event.finish
-            return generated
+    async for events in handovers:
+        for event in events:
+            if isinstance(event, ErrorEvent):
+                raise_for(event)
+            generated.tokens.append(event.token)
+            generated.top_tokens.append(event.top_tokens)
+            if event.prompt_tokens is not None:
+                generated.prompt_tokens = event.prompt_tokens
+            if event.finish is not None:
+                generated.finish = event.finish
+                return generated
     raise IncompleteGenerationError("Incomplete generation")
 
 

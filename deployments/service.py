@@ -1,7 +1,7 @@
 """The one generation path behind every route: permit → validate → run on a batcher → shape the answer.
 
-`TextGeneration` knows nothing of Ray: it is given an `EventSource` (a batcher handle in production,
-a local engine in benchmarks) and returns plain JSON-able dicts or SSE byte chunks. Routes only
+`TextGeneration` knows nothing of Ray: it is given an `EventSource` (batcher replicas behind a Serve
+handle) and returns plain JSON-able dicts or SSE byte chunks, one chunk per hand-over of tokens. Routes only
 translate their body into `GenerateParameters` and call one of the methods here.
 """
 
@@ -19,7 +19,7 @@ from neuron_serve.config import Config, Limits
 from neuron_serve.errors import (
     BatchSizeError, IncompleteGenerationError, OverloadedError, ServeError, SuffixError, ToolError, ValidationError,
 )
-from neuron_serve.request import ErrorEvent, Event, GenerationRequest, TokenEvent
+from neuron_serve.request import Event, GenerationRequest, TokenEvent
 
 from . import responses as R
 from .schemas import ChatRequest, CompletionRequest, GenerateParameters, GenerateRequest
@@ -30,8 +30,9 @@ logger = logging.getLogger("ray.serve")
 
 
 class EventSource(Protocol):
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """The request's events, in order, ending with a finished `TokenEvent` or an `ErrorEvent`."""
+    def stream(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+        """The request's events in order, in the lists they were handed over in (each becomes one HTTP
+        chunk on the streaming routes), ending with a finished `TokenEvent` or an `ErrorEvent`."""
         ...
 
 
@@ -160,18 +161,21 @@ class TextGeneration:
         f = g.finish
         self.metrics.succeeded(time.monotonic() - started, f.queue_time, f.inference_time, f.generated_tokens)
 
-    async def _tokens(self, valid: ValidRequest, started: float) -> AsyncIterator[TokenEvent]:
-        """The request's token events up to its last one, for the streaming routes: a failure raises its
-        `ServeError`, the success is counted as the last token passes, and a stream that ends without a
-        last token is an incomplete generation."""
-        async with contextlib.aclosing(self.source.stream(valid.request)) as events:
-            async for event in events:
-                if isinstance(event, ErrorEvent):
-                    R.raise_for(event)
-                if event.finish is not None:
-                    self._succeeded(started, R.Generated(finish=event.finish))
-                yield event
-                if event.finish is not None:
+    async def _tokens(self, valid: ValidRequest, started: float) -> AsyncIterator[list[TokenEvent]]:
+        """The request's token events up to its last one, as handed over, for the streaming routes: a
+        failure raises its `ServeError` after the tokens before it, the success is counted as the last
+        token passes, and a stream that ends without a last token is an incomplete generation."""
+        async with contextlib.aclosing(self.source.stream(valid.request)) as handovers:
+            async for events in handovers:
+                tokens = [e for e in events if isinstance(e, TokenEvent)]
+                last = tokens[-1].finish if tokens else None
+                if last is not None:
+                    self._succeeded(started, R.Generated(finish=last))
+                if tokens:
+                    yield tokens
+                if len(tokens) < len(events):  # an error event ends a hand-over
+                    R.raise_for(events[-1])
+                if last is not None:
                     return
         raise IncompleteGenerationError("Incomplete generation stream", "incomplete_generation_stream")
 
@@ -218,9 +222,9 @@ class TextGeneration:
                     raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
                 with self.permits.take():
                     valid = self._validate(body.inputs, p, return_full_text_default=return_full_text_default)
-                    async with contextlib.aclosing(self._tokens(valid, started)) as tokens:
-                        async for event in tokens:
-                            yield R.sse(R.stream_event(valid, event))
+                    async with contextlib.aclosing(self._tokens(valid, started)) as handovers:
+                        async for tokens in handovers:
+                            yield b"".join(R.sse(R.stream_event(valid, event)) for event in tokens)
         except ServeError as e:
             yield R.sse(R.error_json(e.error_type, error_message(e)))
 
@@ -291,11 +295,12 @@ class TextGeneration:
             with self._accounted():
                 with self.permits.take():
                     valid = self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
-                    async with contextlib.aclosing(self._tokens(valid, started)) as tokens:
-                        async for event in tokens:
-                            yield R.sse(R.chat_chunk(ctx, event))
-                            if event.finish is not None and ctx.include_usage:
-                                yield R.sse(R.chat_usage_chunk(ctx, valid, event.finish))
+                    async with contextlib.aclosing(self._tokens(valid, started)) as handovers:
+                        async for tokens in handovers:
+                            chunk = b"".join(R.sse(R.chat_chunk(ctx, event)) for event in tokens)
+                            if tokens[-1].finish is not None and ctx.include_usage:
+                                chunk += R.sse(R.chat_usage_chunk(ctx, valid, tokens[-1].finish))
+                            yield chunk
         except ServeError as e:
             yield R.openai_stream_error(error_message(e))
         yield R.DONE
@@ -363,9 +368,9 @@ class TextGeneration:
             try:
                 with self._accounted(), self.permits.take():
                     valid = self._validate(prompt, params)
-                    async with contextlib.aclosing(self._tokens(valid, started)) as tokens:
-                        async for event in tokens:
-                            await queue.put(R.sse(R.completion_chunk(ctx, index, valid, event)))
+                    async with contextlib.aclosing(self._tokens(valid, started)) as handovers:
+                        async for tokens in handovers:
+                            await queue.put(b"".join(R.sse(R.completion_chunk(ctx, index, valid, e)) for e in tokens))
             except ServeError as e:
                 await queue.put(R.openai_stream_error(error_message(e)))
             finally:

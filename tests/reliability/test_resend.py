@@ -55,7 +55,7 @@ def token(index: int, last: bool = False) -> TokenEvent:
 
 def collect(handle) -> list:
     async def go():
-        return [e async for e in BatcherSource(handle).stream(REQUEST)]
+        return [e async for events in BatcherSource(handle).stream(REQUEST) for e in events]
 
     return asyncio.run(go())
 
