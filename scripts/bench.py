@@ -96,6 +96,11 @@ class Record:
     def itls(self) -> list[float]:
         return [(at - before) / n for (before, _), (at, n) in zip(self.chunks, self.chunks[1:]) for _ in range(n)]
 
+    def tpot(self) -> float | None:
+        """Time per output token after the first, whole request: unlike ITL, blind to tokens arriving in bursts."""
+        after_first = self.tokens - self.chunks[0][1] if self.chunks else 0
+        return (self.chunks[-1][0] - self.chunks[0][0]) / after_first if after_first > 0 else None
+
 
 def percentile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default); None without values."""
@@ -129,7 +134,8 @@ class Run:
         out = {"target": self.target, "concurrency": self.concurrency, "rate": self.rate,
                "requests": len(self.records), "errors": len(errors), "seconds": round(self.seconds, 2), "tokens": tokens,
                "req_s": round((len(self.records) - len(errors)) / self.seconds, 3), "tok_s": round(tokens / self.seconds, 1)}
-        for name, values in self.latencies().items():
+        tpot = [t for r in self.records if r.error is None for t in [r.tpot()] if t is not None]
+        for name, values in [*self.latencies().items(), ("tpot", tpot)]:
             out[f"{name}_ms"] = {f"p{q}": None if v is None else round(v * 1000, 2)
                                  for q in (50, 90, 99) for v in [percentile(values, q)]}
         if errors:
@@ -530,7 +536,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         "serve_over_engine": ratio(tok_s["serve"], tok_s["engine"]),
         "ours_over_transformers_serve": ratio(tok_s["serve"], tok_s["transformers_serve"]),
         "serve_ttft_overhead_ms": round(idle[1]["ttft_ms"]["p50"] - idle[0]["ttft_ms"]["p50"], 2) if all(idle) else None,
-        "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_ttft_ms": p50("ttft_ms"),
+        "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_tpot_ms": p50("tpot_ms"), "p50_ttft_ms": p50("ttft_ms"),
         "serve_run_cpu_ms_per_token": serve_cpu,
     }
     print_table(runs)
@@ -545,7 +551,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     lower = itl["serve"] is not None and itl["transformers_serve"] is not None and itl["serve"] < itl["transformers_serve"]
     print("  " + verdict("ours_over_transformers_serve", summary["ours_over_transformers_serve"])
           + f", with {'a lower' if lower else 'NOT a lower'} p50 ITL")
-    for metric in ("p50_itl_ms", "p50_ttft_ms"):
+    for metric in ("p50_itl_ms", "p50_tpot_ms", "p50_ttft_ms"):
         print(f"  {metric}: " + ", ".join(f"{k} {v}" for k, v in summary[metric].items()))
     print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True))
     return summary, runs

@@ -43,6 +43,10 @@ def test_summary_of_a_run(bench):
     assert s["ttft_ms"]["p50"] == pytest.approx(600.0)  # 200 and 1000 ms; the failed request does not count
     assert s["itl_ms"]["p50"] == pytest.approx(200.0) and s["itl_ms"]["p99"] == pytest.approx(968.0)
     assert s["e2e_ms"] == {"p50": 1500.0, "p90": 1900.0, "p99": 1990.0}
+    # TPOT per request, after the first token: (1.0 - 0.2) / 4 and (2.5 - 1.5) / 1
+    assert ok.tpot() == pytest.approx(0.2) and s["tpot_ms"]["p50"] == pytest.approx(600.0)
+    burst = bench.Record(start=0.0, end=1.0, chunks=[(0.1, 1), (0.5, 1), (0.5, 1), (0.9, 1), (0.9, 1)])
+    assert burst.tpot() == pytest.approx(0.2) and sorted(burst.itls())[:2] == [0.0, 0.0]  # bursts: ITL 0, TPOT even
     assert s["first_errors"] == ["TargetError: overloaded"]
 
 
