@@ -683,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the PNG, JSON and server logs go")
     args = parser.parse_args(argv)
+    if args.stream_interval is not None and args.stream_interval < 1:
+        parser.error("--stream-interval must be >= 1")
     args.output_tokens = args.output_tokens or ((16, 64) if args.simulate else (32, 128))
     args.out.mkdir(parents=True, exist_ok=True)
 
