@@ -255,10 +255,8 @@ class TextGeneration:
 
     @staticmethod
     def chat_parameters(chat: ChatRequest) -> GenerateParameters:
-        greedy = chat.temperature is not None and chat.temperature == 0.0
         return GenerateParameters(
-            do_sample=not greedy,
-            temperature=None if greedy else chat.temperature,
+            **_openai_sampling(chat.temperature),
             top_p=chat.top_p,
             frequency_penalty=chat.frequency_penalty,
             max_new_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens,
@@ -319,10 +317,8 @@ class TextGeneration:
 
     @staticmethod
     def completion_parameters(body: CompletionRequest) -> GenerateParameters:
-        greedy = body.temperature is not None and body.temperature == 0.0
         return GenerateParameters(
-            do_sample=not greedy,
-            temperature=None if greedy else body.temperature,
+            **_openai_sampling(body.temperature),
             top_p=body.top_p,
             repetition_penalty=body.repetition_penalty,
             frequency_penalty=body.frequency_penalty,
@@ -389,6 +385,12 @@ class TextGeneration:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+def _openai_sampling(temperature: float | None) -> dict:
+    """OpenAI routes sample unless `temperature` is 0, which means greedy (as in TGI)."""
+    greedy = temperature is not None and temperature == 0.0
+    return {"do_sample": not greedy, "temperature": None if greedy else temperature}
 
 
 def _char_to_byte_offsets(text: str) -> list[int]:
