@@ -122,11 +122,12 @@ class Run:
     seconds: float
 
     def latencies(self) -> dict[str, list[float]]:
-        """Seconds: TTFT and end-to-end per successful request, ITL per token."""
+        """Seconds: TTFT, end-to-end and TPOT per successful request, ITL per token."""
         ok = [r for r in self.records if r.error is None]
         return {"ttft": [r.chunks[0][0] - r.start for r in ok if r.chunks],
                 "itl": [gap for r in ok for gap in r.itls()],
-                "e2e": [r.end - r.start for r in ok]}
+                "e2e": [r.end - r.start for r in ok],
+                "tpot": [t for r in ok for t in [r.tpot()] if t is not None]}
 
     def summary(self) -> dict:
         errors = [r.error for r in self.records if r.error is not None]
@@ -134,8 +135,7 @@ class Run:
         out = {"target": self.target, "concurrency": self.concurrency, "rate": self.rate,
                "requests": len(self.records), "errors": len(errors), "seconds": round(self.seconds, 2), "tokens": tokens,
                "req_s": round((len(self.records) - len(errors)) / self.seconds, 3), "tok_s": round(tokens / self.seconds, 1)}
-        tpot = [t for r in self.records if r.error is None for t in [r.tpot()] if t is not None]
-        for name, values in [*self.latencies().items(), ("tpot", tpot)]:
+        for name, values in self.latencies().items():
             out[f"{name}_ms"] = {f"p{q}": None if v is None else round(v * 1000, 2)
                                  for q in (50, 90, 99) for v in [percentile(values, q)]}
         if errors:
@@ -362,8 +362,9 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
         mine = [r for r in runs if r.target == name]
         xs = [r.concurrency if r.rate is None else r.rate for r in mine]
         axes[0][0].plot(xs, [r.summary()["tok_s"] for r in mine], "o-", label=name)
-        for ax, (metric, values) in zip(axes.flat[1:], mine[-1].latencies().items()):  # CDFs at the heaviest load
-            values = sorted(v * 1000 for v in values)
+        latencies = mine[-1].latencies()
+        for ax, metric in zip(axes.flat[1:], ("ttft", "itl", "e2e")):  # CDFs at the heaviest load
+            values = sorted(v * 1000 for v in latencies[metric])
             ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=f"{name} ({xs[-1]})")
             ax.set(title=f"{metric.upper()} CDF", xlabel="ms", ylabel="fraction of requests (ITL: tokens)", xscale="log")
     axes[0][0].set(title="token throughput", xlabel="requests/s" if runs[0].rate else "concurrent streams", ylabel="tokens/s")
