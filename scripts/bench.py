@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.config import DEFAULT_BATCH_SIZE, Config, load_config
-from neuron_serve.loading import build_engine
+from neuron_serve.engine_core import ThreadCore
+from neuron_serve.loading import build_engine, limit_torch_threads
 from neuron_serve.model_files import load_tokenizer, resolve_model_dir
 from neuron_serve.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 from neuron_serve.tiny_model import corpus_path
@@ -253,11 +254,8 @@ class EngineStream:
 
 @contextlib.asynccontextmanager
 async def engine_target(config: Config) -> AsyncIterator[EngineStream]:
-    if config.backend == "torch" and config.replica_cpus >= 1:  # as a NeuronBatcher replica sets itself up
-        import torch
-
-        torch.set_num_threads(int(config.replica_cpus))
-    engine = AsyncEngine(build_engine(config))
+    limit_torch_threads(config)  # as a NeuronBatcher's engine process does
+    engine = AsyncEngine(ThreadCore(build_engine(config)))
     engine.start()
     try:
         yield EngineStream("engine", engine)
