@@ -44,7 +44,8 @@ class NeuronBatcher:
         core = await asyncio.wait_for(asyncio.to_thread(ProcessCore, config), timeout=config.startup_timeout_s)
         self.facts = core.facts
         self.metrics = BatcherMetrics(self.facts.limits, self.cores or "none", self.facts.insertion)
-        self.engine = AsyncEngine(core, on_step=self._on_step, stream_interval=config.stream_interval)
+        self.engine = AsyncEngine(core, on_step=self._on_step, stream_interval=config.stream_interval,
+                                  on_core_lost=self._engine_lost)
         self.engine.start()
         self.last_token_at = 0.0
         self.served = 0  # requests this replica has taken
@@ -55,6 +56,15 @@ class NeuronBatcher:
         self.metrics.record(stats)
         if not stats.failed:
             self.last_token_at = time.monotonic()
+
+    def _engine_lost(self) -> None:
+        """The engine process is part of this replica: without it the replica exits at once, so that
+        its streams end as a dead replica's do (one error event each), Serve's router stops sending
+        here (requests with no token yet go to another replica) and Serve starts a new replica."""
+        logger.error("NeuronBatcher %s: its engine process died; the replica exits so that Serve replaces it",
+                     self.replica)
+        logging.shutdown()
+        os._exit(1)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         self.served += 1
@@ -103,6 +113,7 @@ class NeuronBatcher:
         return {
             "replica": self.replica,
             "neuron_cores": self.cores or None,
+            "engine_pid": self.engine.core.pid,
             "backend": self.facts.description,
             "insertion": self.facts.insertion,
             "stream_interval": self.engine.stream_interval,

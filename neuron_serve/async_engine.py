@@ -30,11 +30,13 @@ BROKEN_AFTER_FAILURES = 3  # failed forwards in a row after which the engine rep
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1):
+    def __init__(self, core: EngineCore, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1,
+                 on_core_lost: Callable[[], None] | None = None):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.core = core
         self.on_step = on_step  # called on the event loop after each step that ran a forward (for metrics)
+        self.on_core_lost = on_core_lost  # called on the event loop once, after the core's last step, if it died
         self.stream_interval = stream_interval
         self.active = 0  # rows busy after the latest step
         self.waiting = 0  # requests queued after the latest step
@@ -102,8 +104,14 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopping.is_set():
             step = self.core.next_step(IDLE_WAIT_S)
-            if step is not None and not self._stopping.is_set():
+            if self._stopping.is_set():
+                return
+            if step is not None:
                 self._loop.call_soon_threadsafe(self._dispatch, step)
+            if not self.core.alive:  # it died: its requests have just failed, and there will be no more steps
+                if self.on_core_lost is not None:
+                    self._loop.call_soon_threadsafe(self.on_core_lost)
+                return
 
     def _dispatch(self, step: Step) -> None:
         self.active, self.waiting, self._failures = step.active, step.waiting, step.failures

@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  # how long `close` waits for the child to exit before killing it
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine process is gone; the request never reached it, so it may be sent elsewhere."""
+
+
 @dataclass(frozen=True)
 class EngineFacts:
     """What the serving side needs to know of an engine it may not hold."""
@@ -147,6 +151,10 @@ class ProcessCore:
     def alive(self) -> bool:
         return self._alive
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def _send(self, *message) -> None:
         with self._lock:
             if message[0] == "submit":
@@ -157,7 +165,7 @@ class ProcessCore:
 
     def submit(self, request: GenerationRequest) -> None:
         if not self._alive:
-            raise RuntimeError("the engine process is gone")
+            raise EngineUnavailable("the engine process is gone")
         self._send("submit", request)
 
     def cancel(self, request_id: str) -> None:

@@ -390,7 +390,8 @@ def cpu_seconds_by_role() -> dict[str, float]:
     """CPU seconds used so far by this process and its descendants (Ray workers by process title)."""
     import psutil
 
-    roles = {"ProxyActor": "proxy", "Ingress": "ingress", "NeuronBatcher": "batchers", "transformers": "transformers serve"}
+    roles = {"ProxyActor": "proxy", "Ingress": "ingress", "NeuronBatcher": "batchers",
+             "neuron_serve.engine_core": "engines (the batchers' model processes)", "transformers": "transformers serve"}
     me = psutil.Process()
     totals = {"load generator": sum(me.cpu_times()[:2])}
     for child in me.children(recursive=True):
