@@ -1,11 +1,9 @@
 """NeuronBatcher: one replica, one engine, one static batch, pinned to its NeuronCore group.
 
 Ray gives each replica the `neuron_cores` it asked for and sets `NEURON_RT_VISIBLE_CORES` before the
-constructor runs; the engine runs in a child process of the replica (engine_core.ProcessCore), which
-inherits it, so the Neuron runtime there sees only this group. Requests stream back as lists of
-events (one list per hand-over, not one call per token). When the caller goes away, Serve cancels
-`generate`, and the engine frees the row. If the engine process dies, its requests fail and the
-health check fails, so Serve replaces the replica.
+constructor runs, so the Neuron runtime in this process sees only its group. The engine steps on
+its own thread; requests stream back as lists of events (one list per hand-over, not one call per
+token). When the caller goes away, Serve cancels `generate`, and the engine frees the row.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from ray import serve
 
 from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.config import Config
-from neuron_serve.engine_core import ProcessCore
+from neuron_serve.loading import build_engine
 from neuron_serve.request import ErrorEvent, Event, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 
 from .metrics import BatcherMetrics
@@ -39,32 +37,25 @@ class NeuronBatcher:
         self.config = config
         logger.info("NeuronBatcher %s: NeuronCores [%s], loading %s (backend %s)",
                     self.replica, self.cores or "none", config.model_id, config.backend)
+        if config.backend == "torch" and config.replica_cpus >= 1:
+            import torch
+
+            torch.set_num_threads(int(config.replica_cpus))
         started = time.monotonic()
         # Minutes for a compiled model on inf2: off the event loop, bounded by the configured timeout.
-        core = await asyncio.wait_for(asyncio.to_thread(ProcessCore, config), timeout=config.startup_timeout_s)
-        self.facts = core.facts
-        self.metrics = BatcherMetrics(self.facts.limits, self.cores or "none", self.facts.insertion)
-        self.engine = AsyncEngine(core, on_step=self._on_step, stream_interval=config.stream_interval,
-                                  on_core_lost=self._engine_lost)
+        engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)
+        self.metrics = BatcherMetrics(engine.limits, self.cores or "none", engine.scheduler.insertion.name)
+        self.engine = AsyncEngine(engine, on_step=self._on_step, stream_interval=config.stream_interval)
         self.engine.start()
         self.last_token_at = 0.0
         self.served = 0  # requests this replica has taken
         logger.info("NeuronBatcher %s ready in %.1fs: %s, %d rows", self.replica, time.monotonic() - started,
-                    self.facts.description, self.facts.limits.max_batch_size)
+                    engine.backend.description, engine.limits.max_batch_size)
 
     def _on_step(self, stats) -> None:
         self.metrics.record(stats)
         if not stats.failed:
             self.last_token_at = time.monotonic()
-
-    def _engine_lost(self) -> None:
-        """The engine process is part of this replica: without it the replica exits at once, so that
-        its streams end as a dead replica's do (one error event each), Serve's router stops sending
-        here (requests with no token yet go to another replica) and Serve starts a new replica."""
-        logger.error("NeuronBatcher %s: its engine process died; the replica exits so that Serve replaces it",
-                     self.replica)
-        logging.shutdown()
-        os._exit(1)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         self.served += 1
@@ -103,23 +94,26 @@ class NeuronBatcher:
             return False
         if time.monotonic() - self.last_token_at < RECENT_TOKEN_S:
             return True
-        probe = GenerationRequest(f"probe-{uuid.uuid4().hex}", (self.facts.probe_token_id,), SamplingParams(),
-                                  StoppingParams(1))
+        engine = self.engine.engine
+        first_token = engine.tokenizer.bos_token_id
+        if first_token is None:
+            first_token = 0
+        probe = GenerationRequest(f"probe-{uuid.uuid4().hex}", (first_token,), SamplingParams(), StoppingParams(1))
         async for events in self.engine.generate(probe):
             return isinstance(events[-1], TokenEvent)
         return False
 
     async def status(self) -> dict[str, Any]:
+        engine = self.engine.engine
         return {
             "replica": self.replica,
             "neuron_cores": self.cores or None,
-            "engine_pid": self.engine.core.pid,
-            "backend": self.facts.description,
-            "insertion": self.facts.insertion,
+            "backend": engine.backend.description,
+            "insertion": engine.scheduler.insertion.name,
             "stream_interval": self.engine.stream_interval,
-            "batch_size": self.facts.limits.max_batch_size,
-            "active": self.engine.active,
-            "waiting": self.engine.waiting,
+            "batch_size": engine.limits.max_batch_size,
+            "active": len(engine.batch.active()),
+            "waiting": len(engine.waiting),
             "served": self.served,
             "healthy": self.engine.healthy,
         }
@@ -128,7 +122,7 @@ class NeuronBatcher:
         """Tests only (`fault_injection: true`): the next `times` forwards of `kind` fail in the backend."""
         if not self.config.fault_injection:
             raise PermissionError("fault injection is off on this replica (`fault_injection: false`)")
-        self.engine.core.arm_fault(kind, times)
+        self.engine.engine.backend.arm(kind, times)
 
     async def check_health(self) -> None:
         """Ray Serve's health check: a replica whose step loop died or whose backend keeps failing is restarted."""

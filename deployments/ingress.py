@@ -17,7 +17,6 @@ from ray.serve.handle import DeploymentHandle
 
 from neuron_serve import __version__
 from neuron_serve.config import Config
-from neuron_serve.engine_core import EngineUnavailable
 from neuron_serve.loading import model_limits
 from neuron_serve.model_files import load_tokenizer, resolve_model_dir
 from neuron_serve.request import ErrorEvent, Event, GenerationRequest, is_last
@@ -28,17 +27,15 @@ from .service import TextGeneration
 
 logger = logging.getLogger("ray.serve")
 
-# The replica process died or cannot be reached, or its engine process died: the request can go elsewhere.
-REPLICA_LOST = (RayActorError, ActorUnavailableError, EngineUnavailable)
+REPLICA_LOST = (RayActorError, ActorUnavailableError)  # the replica process died or cannot be reached
 
 
 class BatcherSource:
     """Streams a request through one NeuronBatcher replica; stopping early cancels it there.
 
-    A replica that dies before the request's first event (it was killed, its engine process died, or
-    Serve had not yet heard that it is gone) costs nothing visible: the request is sent again, and
-    Serve's router, which drops a replica it saw die, picks another. Once events have flowed, the
-    request ends with an error event.
+    A replica that dies before the request's first event (it was killed, or Serve had not yet heard
+    that it is gone) costs nothing visible: the request is sent again, and Serve's router, which drops
+    a replica it saw die, picks another. Once events have flowed, the request ends with an error event.
     """
 
     ATTEMPTS = 3

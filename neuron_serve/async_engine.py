@@ -1,15 +1,13 @@
-"""The asyncio side of an engine core: callers await their request's events, a thread waits for steps.
+"""The engine's step loop on a background thread, with asyncio callers on the other side.
 
-`generate(request)` is an async iterator of event lists for one request. The core (a thread of this
-process or a process of its own, see engine_core.py) produces one `Step` at a time; a thread here
-takes each and hands it to the event loop in one call. A caller that falls behind gets the events
-that piled up as one list, so a slow consumer costs one hand-over, not one per token. With
-`stream_interval` N > 1, a request's tokens after its first are handed over N at a time (its first
-token and its last event go at once): each hand-over is a message between processes in Ray Serve,
-so on a busy host fewer of them buy throughput, at the price of tokens arriving in bursts. A caller
-that stops iterating (client disconnect, task cancellation) cancels its request in the engine,
-which frees its row at the next step. A bug in a step fails the requests in flight and the loop
-keeps going.
+`generate(request)` is an async iterator of event lists for one request. The step thread hands each
+step's events to the event loop in one call; a caller that falls behind gets the events that piled
+up as one list, so a slow consumer costs one hand-over, not one per token. With `stream_interval`
+N > 1, a request's tokens after its first are handed over N at a time (its first token and its last
+event go at once): each hand-over is a message between processes in Ray Serve, so on a busy host
+fewer of them buy throughput, at the price of tokens arriving in bursts. A caller that stops
+iterating (client disconnect, task cancellation) cancels its request in the engine, which frees its
+row at the next step. A bug in a step fails the requests in flight and the loop keeps going.
 """
 
 from __future__ import annotations
@@ -19,29 +17,24 @@ import logging
 import threading
 from typing import AsyncIterator, Callable
 
-from .engine import StepStats
-from .engine_core import EngineCore, Step
+from .engine import Engine, StepStats
 from .request import Event, GenerationRequest, TokenEvent, is_last
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 1.0  # the step thread checks for `stop` this often when there is no work
+IDLE_WAIT_S = 1.0  # the step thread sleeps this long at most when there is no work
 BROKEN_AFTER_FAILURES = 3  # failed forwards in a row after which the engine reports itself unhealthy
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1,
-                 on_core_lost: Callable[[], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
-        self.core = core
-        self.on_step = on_step  # called on the event loop after each step that ran a forward (for metrics)
-        self.on_core_lost = on_core_lost  # called on the event loop once, after the core's last step, if it died
+        self.engine = engine
+        self.on_step = on_step  # called on the event loop after each step (for metrics)
         self.stream_interval = stream_interval
-        self.active = 0  # rows busy after the latest step
-        self.waiting = 0  # requests queued after the latest step
-        self._failures = 0  # failed forwards in a row, as of the latest step
         self._streams: dict[str, asyncio.Queue[list[Event]]] = {}
+        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -54,7 +47,7 @@ class AsyncEngine:
 
     def stop(self, timeout: float | None = 5.0) -> None:
         self._stopping.set()
-        self.core.close()  # wakes the step thread
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -64,9 +57,9 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        """The step loop and its core run, and the backend has not failed its last few forwards in a row."""
-        alive = self._thread is not None and self._thread.is_alive() and self.core.alive
-        return alive and self._failures < BROKEN_AFTER_FAILURES
+        """The step loop runs, and the backend has not failed its last few forwards in a row."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.engine.consecutive_failures < BROKEN_AFTER_FAILURES
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         if self._thread is None:
@@ -75,11 +68,8 @@ class AsyncEngine:
             raise ValueError(f"request id {request.id} is already in flight")
         queue: asyncio.Queue[list[Event]] = asyncio.Queue()
         self._streams[request.id] = queue
-        try:
-            self.core.submit(request)
-        except BaseException:
-            del self._streams[request.id]
-            raise
+        self.engine.submit(request)
+        self._wake.set()
         finished = False
         pending: list[Event] = []
         handed_over = 0  # token events handed over so far
@@ -97,30 +87,33 @@ class AsyncEngine:
         finally:
             del self._streams[request.id]
             if not finished:
-                self.core.cancel(request.id)
+                self.engine.cancel(request.id)
+                self._wake.set()
 
     # -- the step thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            step = self.core.next_step(IDLE_WAIT_S)
-            if self._stopping.is_set():
-                return
-            if step is not None:
-                self._loop.call_soon_threadsafe(self._dispatch, step)
-            if not self.core.alive:  # it died: its requests have just failed, and there will be no more steps
-                if self.on_core_lost is not None:
-                    self._loop.call_soon_threadsafe(self.on_core_lost)
-                return
-
-    def _dispatch(self, step: Step) -> None:
-        self.active, self.waiting, self._failures = step.active, step.waiting, step.failures
-        if step.stats is not None and self.on_step is not None:
+            if not self.engine.has_work:
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            self.engine.last_step = None
             try:
-                self.on_step(step.stats)
+                events = self.engine.step()
+            except Exception as e:  # a bug outside the forward: fail what is in flight, keep serving
+                logger.exception("engine step crashed")
+                events = self.engine.fail_all(e)
+            if events or self.engine.last_step:
+                self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
+
+    def _dispatch(self, events: list[Event], stats: StepStats | None) -> None:
+        if stats is not None and self.on_step is not None:
+            try:
+                self.on_step(stats)
             except Exception:
                 logger.exception("on_step callback failed")
-        for event in step.events:
+        for event in events:
             queue = self._streams.get(event.request_id)
             if queue is not None:  # else its caller is gone
                 queue.put_nowait([event])

@@ -101,14 +101,6 @@ def open_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
     return opener(config, model_dir)
 
 
-def limit_torch_threads(config: Config) -> None:
-    """The torch backend uses the CPUs its replica asked Ray for (`replica_cpus`), not every core."""
-    if config.backend == "torch" and config.replica_cpus >= 1:
-        import torch
-
-        torch.set_num_threads(int(config.replica_cpus))
-
-
 def build_engine(config: Config, backend: Backend | None = None, limits: Limits | None = None) -> Engine:
     """The engine for `config`; a backend already opened (tests, benchmarks) may be given with its limits."""
     model_dir = resolve_model_dir(config)

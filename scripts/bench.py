@@ -43,8 +43,7 @@ from tqdm import tqdm
 
 from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.config import DEFAULT_BATCH_SIZE, Config, load_config
-from neuron_serve.engine_core import ThreadCore
-from neuron_serve.loading import build_engine, limit_torch_threads
+from neuron_serve.loading import build_engine
 from neuron_serve.model_files import load_tokenizer, resolve_model_dir
 from neuron_serve.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 from neuron_serve.tiny_model import corpus_path
@@ -254,8 +253,11 @@ class EngineStream:
 
 @contextlib.asynccontextmanager
 async def engine_target(config: Config) -> AsyncIterator[EngineStream]:
-    limit_torch_threads(config)  # as a NeuronBatcher's engine process does
-    engine = AsyncEngine(ThreadCore(build_engine(config)))
+    if config.backend == "torch" and config.replica_cpus >= 1:  # as a NeuronBatcher replica sets itself up
+        import torch
+
+        torch.set_num_threads(int(config.replica_cpus))
+    engine = AsyncEngine(build_engine(config))
     engine.start()
     try:
         yield EngineStream("engine", engine)
@@ -390,8 +392,7 @@ def cpu_seconds_by_role() -> dict[str, float]:
     """CPU seconds used so far by this process and its descendants (Ray workers by process title)."""
     import psutil
 
-    roles = {"ProxyActor": "proxy", "Ingress": "ingress", "NeuronBatcher": "batchers",
-             "neuron_serve.engine_core": "engines (the batchers' model processes)", "transformers": "transformers serve"}
+    roles = {"ProxyActor": "proxy", "Ingress": "ingress", "NeuronBatcher": "batchers", "transformers": "transformers serve"}
     me = psutil.Process()
     totals = {"load generator": sum(me.cpu_times()[:2])}
     for child in me.children(recursive=True):

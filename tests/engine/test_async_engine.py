@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from neuron_serve.async_engine import AsyncEngine
-from neuron_serve.engine_core import ThreadCore
 from neuron_serve.request import TokenEvent
 
 from .helpers import make_engine, request
@@ -15,7 +14,7 @@ from .helpers import make_engine, request
 
 @pytest.fixture
 def async_engine(tiny_model_dir, tokenizer):
-    engine = AsyncEngine(ThreadCore(make_engine(tiny_model_dir, tokenizer, batch_size=2)))
+    engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2))
     yield engine
     engine.stop()
 
@@ -67,10 +66,10 @@ def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, referen
             break
         await stream.aclose()
         for _ in range(100):
-            if not async_engine.core.engine.batch.active():
+            if not async_engine.engine.batch.active():
                 break
             await asyncio.sleep(0.01)
-        assert async_engine.core.engine.batch.free_rows() == [0, 1] and async_engine.in_flight == 0
+        assert async_engine.engine.batch.free_rows() == [0, 1] and async_engine.in_flight == 0
         return await collect(async_engine, request("next", prompt, 8))
 
     assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 8)
@@ -78,7 +77,7 @@ def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, referen
 
 def test_a_stream_interval_hands_tokens_over_in_groups_after_the_first(tiny_model_dir, tokenizer, reference):
     prompt = tokenizer("Hello").input_ids
-    engine = AsyncEngine(ThreadCore(make_engine(tiny_model_dir, tokenizer, batch_size=2)), stream_interval=4)
+    engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), stream_interval=4)
 
     async def main():
         engine.start()
@@ -97,4 +96,4 @@ def test_a_stream_interval_hands_tokens_over_in_groups_after_the_first(tiny_mode
 
 def test_a_stream_interval_below_one_is_refused(tiny_model_dir, tokenizer):
     with pytest.raises(ValueError, match="stream_interval"):
-        AsyncEngine(ThreadCore(make_engine(tiny_model_dir, tokenizer, batch_size=2)), stream_interval=0)
+        AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), stream_interval=0)
