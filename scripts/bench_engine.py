@@ -37,9 +37,9 @@ from neuron_serve.tiny_model import corpus_path
 BATCH = 8
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+def percentile(values: list[float], q: int) -> float:
+    """Linear interpolation between closest ranks (numpy's default, as in bench.py)."""
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def make_engine(config: Config, model_dir, tokenizer, insertion="insert", ratio=0.0, max_waiting=20) -> Engine:
