@@ -72,7 +72,7 @@ class AsyncEngine:
         self._wake.set()
         finished = False
         pending: list[Event] = []
-        handed_over = 0  # token events handed over so far
+        first_handed_over = False  # the first token goes at once, whatever `stream_interval`
         try:
             while not finished:
                 pending.extend(await queue.get())
@@ -80,8 +80,8 @@ class AsyncEngine:
                     pending.extend(queue.get_nowait())
                 finished = is_last(pending[-1])
                 tokens = sum(isinstance(e, TokenEvent) for e in pending)
-                if finished or handed_over == 0 or tokens >= self.stream_interval:
-                    handed_over += tokens
+                if finished or not first_handed_over or tokens >= self.stream_interval:
+                    first_handed_over = first_handed_over or tokens > 0
                     events, pending = pending, []
                     yield events
         finally:
