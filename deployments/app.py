@@ -22,17 +22,12 @@ from neuron_serve.model_files import resolve_model_dir
 
 from .batcher import NeuronBatcher
 from .ingress import Ingress
+from .ray_env import CLUSTER_ENV, REPLICA_ENV
 
 logger = logging.getLogger("ray.serve")
 
-# Ray Serve's own throughput settings, for both deployments' processes: user code and the handle's
-# router on the replica's event loop (no thread hop per streamed item).
-# Measured on the tiny model at 8 streams, 2-core CPU: 166 vs 142 tokens/s (gRPC handles, also tried,
-# added ~190 tokens/s but slowed detecting a dead replica by minutes).
-SERVE_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-}
+# Ray Serve's throughput settings (figures in ray_env.py), for both deployments' processes.
+SERVE_ENV = {**REPLICA_ENV, **CLUSTER_ENV}
 
 
 @dataclass(frozen=True)
