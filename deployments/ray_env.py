@@ -9,8 +9,9 @@ Measured on the tiny model, `serve run` at 8 streams, 2-core CPU (scripts/bench.
 
 The app puts both in its replicas' runtime_env, so any `serve run serve_config.yaml` calls its
 batchers over gRPC. The proxy is Ray's, started before the app: CLUSTER_ENV must be in the
-environment of whatever starts Ray: the Makefile, the Dockerfile (so the container and KubeRay
-pods), the test cluster and the benchmark (tests/scripts/test_ray_env.py keeps them in step).
+environment of whatever starts Ray: the Makefile and the Dockerfile (so the container and KubeRay
+pods) repeat it, checked by tests/scripts/test_ray_env.py; the test cluster and the benchmark
+import it.
 """
 
 REPLICA_ENV = {
