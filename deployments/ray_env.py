@@ -11,8 +11,10 @@ The app puts both in its replicas' runtime_env, so any `serve run serve_config.y
 batchers over gRPC. The proxy is Ray's, started before the app: CLUSTER_ENV must be in the
 environment of whatever starts Ray: the Makefile and the Dockerfile (so the container and KubeRay
 pods) repeat it, checked by tests/scripts/test_ray_env.py; the test cluster and the benchmark
-import it.
+call `use_cluster_env()`.
 """
+
+import os
 
 REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -22,3 +24,9 @@ REPLICA_ENV = {
 CLUSTER_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
 }
+
+
+def use_cluster_env() -> None:
+    """Put CLUSTER_ENV in this process's environment where unset, so the Ray it starts runs as `make serve`'s."""
+    for name, value in CLUSTER_ENV.items():
+        os.environ.setdefault(name, value)

@@ -42,7 +42,7 @@ import httpx
 import yaml
 from tqdm import tqdm
 
-from deployments.ray_env import CLUSTER_ENV
+from deployments.ray_env import use_cluster_env
 from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.config import DEFAULT_BATCH_SIZE, Config, load_config
 from neuron_serve.loading import build_engine
@@ -105,7 +105,7 @@ class Record:
 
 
 def percentile(values: list[float], q: int) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default, as in bench_engine.py); None without values."""
+    """Linear interpolation between closest ranks (numpy's default); None without values."""
     if len(values) < 2:
         return values[0] if values else None
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
@@ -687,8 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output_tokens = args.output_tokens or ((16, 64) if args.simulate else (32, 128))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    for name, value in CLUSTER_ENV.items():  # the Ray clusters this starts run as `make serve`'s does
-        os.environ.setdefault(name, value)
+    use_cluster_env()
     mode = "side-by-side" if args.side_by_side else "simulate" if args.simulate else "engine" if args.engine else "url"
     summary, runs = {"side-by-side": side_by_side, "simulate": simulate}.get(mode, load_test)(args)
     summary["png"] = str(args.out / f"bench-{mode}.png")

@@ -34,12 +34,9 @@ from neuron_serve.request import GenerationRequest, SamplingParams, StoppingPara
 from neuron_serve.scheduler import InsertionPolicy, PrefillPolicy
 from neuron_serve.tiny_model import corpus_path
 
+from bench import percentile  # scripts/bench.py, beside this file
+
 BATCH = 8
-
-
-def percentile(values: list[float], q: int) -> float:
-    """Linear interpolation between closest ranks (numpy's default, as in bench.py)."""
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def make_engine(config: Config, model_dir, tokenizer, insertion="insert", ratio=0.0, max_waiting=20) -> Engine:

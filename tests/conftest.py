@@ -18,13 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.ray_env import CLUSTER_ENV
+from deployments.ray_env import use_cluster_env
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-for _name, _value in CLUSTER_ENV.items():  # the cluster runs as `make serve`'s does
-    os.environ.setdefault(_name, _value)
+use_cluster_env()
 
 
 @pytest.fixture(scope="session")
