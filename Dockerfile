@@ -16,9 +16,7 @@ RUN pip install --no-cache-dir '.[neuron]' --extra-index-url https://pip.repos.n
 
 # neuron-ls on PATH: Ray runs it to count the NeuronCores it offers as `neuron_cores`.
 # /data holds hub downloads and compiled models: mount a volume there so a restart does not recompile.
-# Ray Serve's hops over gRPC (deployments/ray_env.py), for the Ray this image starts, on KubeRay too.
 ENV PATH=/opt/aws/neuron/bin:$PATH \
-    RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
     HF_HOME=/data \
     NEURON_COMPILE_CACHE_URL=/data/neuron-compile-cache \
     PYTHONUNBUFFERED=1

@@ -7,8 +7,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# Ray Serve's hops over gRPC (deployments/ray_env.py): in the environment of the Ray that `serve run` starts.
-export RAY_SERVE_USE_GRPC_BY_DEFAULT ?= 1
 
 .PHONY: install serve test bench-engine bench clean
 

@@ -22,13 +22,9 @@ from neuron_serve.model_files import resolve_model_dir
 
 from .batcher import NeuronBatcher
 from .ingress import Ingress
-from .ray_env import CLUSTER_ENV, REPLICA_ENV
+from .ray_env import SERVE_ENV
 
 logger = logging.getLogger("ray.serve")
-
-# Ray Serve's throughput settings (figures in ray_env.py), for both deployments' processes.
-SERVE_ENV = {**REPLICA_ENV, **CLUSTER_ENV}
-
 
 @dataclass(frozen=True)
 class Layout:

@@ -42,7 +42,6 @@ import httpx
 import yaml
 from tqdm import tqdm
 
-from deployments.ray_env import use_cluster_env
 from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.config import DEFAULT_BATCH_SIZE, Config, load_config
 from neuron_serve.loading import build_engine
@@ -579,7 +578,8 @@ def simulate(args) -> tuple[dict, list[Run]]:
              logging_level="ERROR", log_to_driver=False)
     runs, cpu = [], {}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port},  # Serve as `serve run serve_config.yaml` starts it
+                    controller_options=yaml.safe_load((ROOT / "serve_config.yaml").read_text())["controller_options"])
 
         def deploy(name: str, app_args: dict) -> str:
             serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
@@ -687,7 +687,6 @@ def main(argv: list[str] | None = None) -> None:
     args.output_tokens = args.output_tokens or ((16, 64) if args.simulate else (32, 128))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    use_cluster_env()
     mode = "side-by-side" if args.side_by_side else "simulate" if args.simulate else "engine" if args.engine else "url"
     summary, runs = {"side-by-side": side_by_side, "simulate": simulate}.get(mode, load_test)(args)
     summary["png"] = str(args.out / f"bench-{mode}.png")

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from deployments.ray_env import use_cluster_env
+import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-use_cluster_env()
+
+SERVE_CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +141,8 @@ def cluster():
     ray.init(address="local", num_cpus=16, resources={"neuron_cores": 4}, include_dashboard=False,
              _metrics_export_port=metrics, logging_level="ERROR", log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http})
+        # Serve's controller and proxy with serve_config.yaml's settings, as `serve run` starts them.
+        serve.start(http_options={"host": "127.0.0.1", "port": http}, controller_options=SERVE_CONFIG["controller_options"])
         yield Cluster(http, metrics)
     finally:
         try:

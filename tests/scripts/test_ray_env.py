@@ -1,38 +1,44 @@
-"""Ray Serve's cluster settings (deployments/ray_env.py) reach every place that starts Ray."""
+"""Ray Serve's settings (deployments/ray_env.py) reach every Serve process: replicas, controller, proxies."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
+import time
 
-from deployments.ray_env import CLUSTER_ENV, REPLICA_ENV
+import psutil
 
-from .test_dockerfile import DOCKERFILE, env, instructions
+from deployments.ray_env import SERVE_ENV
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..conftest import SERVE_CONFIG
 
 
-def test_the_container_starts_ray_with_them():
-    assert CLUSTER_ENV.items() <= env(instructions(DOCKERFILE.read_text())).items()
+def test_serve_config_gives_the_controller_and_proxies_the_replicas_settings():
+    assert SERVE_CONFIG["controller_options"] == {"runtime_env": {"env_vars": SERVE_ENV}}
 
 
-def test_make_runs_serve_and_tests_with_them():
-    clean = {k: v for k, v in os.environ.items() if k not in CLUSTER_ENV}
-    out = subprocess.run(["make", "-s", "--eval", "_show_env: ; @env", "_show_env"], cwd=ROOT, env=clean,
-                         capture_output=True, text=True, check=True).stdout
-    seen = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    assert CLUSTER_ENV.items() <= seen.items()
-
-
-def test_the_test_cluster_runs_with_them():
-    assert all(os.environ.get(name) == value for name, value in CLUSTER_ENV.items())
-
-
-def test_both_deployments_get_them_even_where_ray_was_started_without(tiny_model_dir):
+def test_both_deployments_get_them_whatever_config_runs_the_app(tiny_model_dir):
     from deployments.app import build_app
 
     ingress = build_app({"backend": "simulated", "cores_per_replica": 0})._bound_deployment
     batcher = ingress.init_args[0]._bound_deployment
     for deployment in (ingress, batcher):
-        assert {**REPLICA_ENV, **CLUSTER_ENV}.items() <= deployment.ray_actor_options["runtime_env"]["env_vars"].items()
+        assert deployment.ray_actor_options["runtime_env"]["env_vars"] == SERVE_ENV
+
+
+def _serve_process_env(title: str, timeout: float = 60.0) -> dict[str, str]:
+    """The environment of this test session's Serve process titled `title` (its cluster is our child)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if title in " ".join(child.cmdline()):
+                    return child.environ()
+            except psutil.Error:
+                continue
+        assert time.monotonic() < deadline, f"no {title} process in the test cluster"
+        time.sleep(0.5)
+
+
+def test_the_test_clusters_controller_and_proxy_run_with_them(cluster):
+    for title in ("ray::ServeController", "ray::ProxyActor"):
+        env = _serve_process_env(title)
+        assert {name: env.get(name) for name in SERVE_ENV} == SERVE_ENV, title
