@@ -92,6 +92,22 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout}s")
 
 
+def serve_process_env(root: int, title: str, timeout: float = 60.0) -> dict[str, str]:
+    """The environment of the Serve process titled `title` (e.g. "ray::ProxyActor") among `root`'s descendants."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in psutil.Process(root).children(recursive=True):
+            try:
+                if title in " ".join(child.cmdline()):
+                    return child.environ()
+            except psutil.Error:
+                continue
+        assert time.monotonic() < deadline, f"no {title} process under pid {root}"
+        time.sleep(0.5)
+
+
 def _run_quietly(application, name: str) -> None:
     from ray import serve
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
-import psutil
+import os
 
 from deployments.ray_env import SERVE_ENV
 
-from ..conftest import SERVE_CONFIG
+from ..conftest import SERVE_CONFIG, serve_process_env
 
 
 def test_serve_config_gives_the_controller_and_proxies_the_replicas_settings():
@@ -24,21 +22,7 @@ def test_both_deployments_get_them_whatever_config_runs_the_app(tiny_model_dir):
         assert deployment.ray_actor_options["runtime_env"]["env_vars"] == SERVE_ENV
 
 
-def _serve_process_env(title: str, timeout: float = 60.0) -> dict[str, str]:
-    """The environment of this test session's Serve process titled `title` (its cluster is our child)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for child in psutil.Process().children(recursive=True):
-            try:
-                if title in " ".join(child.cmdline()):
-                    return child.environ()
-            except psutil.Error:
-                continue
-        assert time.monotonic() < deadline, f"no {title} process in the test cluster"
-        time.sleep(0.5)
-
-
 def test_the_test_clusters_controller_and_proxy_run_with_them(cluster):
     for title in ("ray::ServeController", "ray::ProxyActor"):
-        env = _serve_process_env(title)
+        env = serve_process_env(os.getpid(), title)
         assert {name: env.get(name) for name in SERVE_ENV} == SERVE_ENV, title

@@ -12,6 +12,10 @@ from pathlib import Path
 import httpx
 import yaml
 
+from deployments.ray_env import SERVE_ENV
+
+from ..conftest import serve_process_env
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = str(Path(sys.executable).with_name("serve"))
 
@@ -54,6 +58,8 @@ def test_serve_run_serve_config_yaml_starts_and_generates():
         assert r.status_code == 200 and r.json()["generated_text"]
         info = httpx.get(f"{url}/info", timeout=30).json()
         assert info["model_id"] == "neuron-serve/tiny-llama" and info["backend"] == "torch"
+        proxy_env = serve_process_env(process.pid, "ray::ProxyActor")  # its settings came from controller_options
+        assert {name: proxy_env.get(name) for name in SERVE_ENV} == SERVE_ENV
     finally:
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: Serve shuts down, the local Ray goes with it
         try:
