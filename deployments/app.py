@@ -26,6 +26,7 @@ from .ray_env import SERVE_ENV
 
 logger = logging.getLogger("ray.serve")
 
+
 @dataclass(frozen=True)
 class Layout:
     backend: str  # what `backend: auto` became
