@@ -17,11 +17,12 @@ render_kuberay = importlib.import_module("render_kuberay")
 from neuron_serve.config import load_config  # noqa: E402
 from neuron_serve.instances import lookup  # noqa: E402
 
+from ..conftest import SERVE_CONFIG  # noqa: E402
+
 MANIFEST_PATH = ROOT / "deployments" / "kuberay" / "rayservice.yaml"
-ROOT_SERVE_CONFIG = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
 
 
-def render(serve_config: dict = ROOT_SERVE_CONFIG, **options) -> dict:
+def render(serve_config: dict = SERVE_CONFIG, **options) -> dict:
     defaults = dict(image=render_kuberay.DEFAULT_IMAGE, instance_type=render_kuberay.DEFAULT_INSTANCE_TYPE,
                     min_workers=render_kuberay.DEFAULT_MIN_WORKERS, max_workers=render_kuberay.DEFAULT_MAX_WORKERS)
     return render_kuberay.render_rayservice(serve_config, **{**defaults, **options})
@@ -57,8 +58,8 @@ def test_serve_config_v2_is_valid_for_ray_and_is_the_root_config_for_the_cluster
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(embedded)
     assert {k: v for k, v in embedded.items() if k != "applications"} == \
-        {k: v for k, v in ROOT_SERVE_CONFIG.items() if k != "applications"}
-    [app], [root_app] = embedded["applications"], ROOT_SERVE_CONFIG["applications"]
+        {k: v for k, v in SERVE_CONFIG.items() if k != "applications"}
+    [app], [root_app] = embedded["applications"], SERVE_CONFIG["applications"]
     assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in root_app.items() if k != "args"}
     args = dict(app["args"])
     assert args.pop("backend") == "neuron"  # the only changes: backend, and autoscaling within the worker bounds
@@ -128,7 +129,7 @@ def test_other_instance_types_and_bad_groups():
     autoscaling = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (0, 12)
 
-    bad = yaml.safe_load(yaml.safe_dump(ROOT_SERVE_CONFIG))
+    bad = yaml.safe_load(yaml.safe_dump(SERVE_CONFIG))
     bad["applications"][0]["args"]["cores_per_replica"] = 5
     with pytest.raises(ValueError, match=r"`cores_per_replica` \(5\) must divide the 24 NeuronCores of inf2.48xlarge"):
         render(bad)

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from deployments.ray_env import SERVE_ENV
 
-from ..conftest import serve_process_env
+from ..conftest import SERVE_CONFIG, serve_process_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = str(Path(sys.executable).with_name("serve"))
@@ -23,7 +22,7 @@ SERVE = str(Path(sys.executable).with_name("serve"))
 def test_serve_config_is_valid_for_ray():
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    config = ServeDeploySchema.model_validate(SERVE_CONFIG)
     app = config.applications[0]
     assert app.import_path == "deployments.app:build_app" and app.route_prefix == "/"
     from neuron_serve.config import load_config
@@ -32,7 +31,7 @@ def test_serve_config_is_valid_for_ray():
 
 
 def test_serve_run_serve_config_yaml_starts_and_generates():
-    port = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["http_options"]["port"]
+    port = SERVE_CONFIG["http_options"]["port"]
     # Its own local Ray instance, as on a fresh machine (the test cluster keeps running beside it).
     env = {**os.environ, "RAY_ADDRESS": "local"}
     process = subprocess.Popen(
