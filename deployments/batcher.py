@@ -2,8 +2,9 @@
 
 Ray gives each replica the `neuron_cores` it asked for and sets `NEURON_RT_VISIBLE_CORES` before the
 constructor runs, so the Neuron runtime in this process sees only its group. The engine steps on
-its own thread; requests stream back as lists of events (one list per hand-over, not one call per
-token). When the caller goes away, Serve cancels `generate`, and the engine frees the row.
+its own thread; each request's events go back to its ingress replica over that replica's channel
+(`channel.py`), one frame per step for all of its requests. When the caller goes away, Serve cancels
+`generate`, and the engine frees the row.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ray import serve
 
@@ -22,6 +23,7 @@ from neuron_serve.config import Config
 from neuron_serve.loading import build_engine
 from neuron_serve.request import ErrorEvent, Event, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 
+from .channel import Address, Outbox
 from .metrics import BatcherMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -47,6 +49,7 @@ class NeuronBatcher:
         self.metrics = BatcherMetrics(engine.limits, self.cores or "none", engine.scheduler.insertion.name)
         self.engine = AsyncEngine(engine, on_step=self._on_step, stream_interval=config.stream_interval)
         self.engine.start()
+        self.outbox = Outbox()
         self.last_token_at = 0.0
         self.served = 0  # requests this replica has taken
         logger.info("NeuronBatcher %s ready in %.1fs: %s, %d rows", self.replica, time.monotonic() - started,
@@ -57,22 +60,33 @@ class NeuronBatcher:
         if not stats.failed:
             self.last_token_at = time.monotonic()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+    async def generate(self, request: GenerationRequest, reply_to: Address) -> None:
+        """Runs `request`, sending its events to the ingress at `reply_to`; returns once the last is written."""
         self.served += 1
+        channel = self.outbox.channel(reply_to)
         generated = 0
         last: Event | None = None
         handed_over = time.monotonic()  # when it arrived, then when its latest tokens came
+
+        def deliver(events: list[Event]) -> None:
+            nonlocal generated, last, handed_over
+            tokens = sum(isinstance(e, TokenEvent) for e in events)
+            if tokens:
+                now = time.monotonic()
+                self.metrics.delivered(now - handed_over, tokens, first=generated == 0)
+                handed_over = now
+            generated += tokens
+            last = events[-1]
+            channel.send(request.id, events)
+
+        done = self.engine.open(request, deliver)
+        channel.attach(request.id, done)
         try:
-            async for events in self.engine.generate(request):
-                tokens = sum(isinstance(e, TokenEvent) for e in events)
-                if tokens:
-                    now = time.monotonic()
-                    self.metrics.delivered(now - handed_over, tokens, first=generated == 0)
-                    handed_over = now
-                generated += tokens
-                last = events[-1]
-                yield events
+            await done
+            await channel.drain()
         finally:
+            channel.detach(request.id)
+            self.engine.cancel(request.id)  # nothing once it finished
             self._log_request(request, generated, last)
 
     def _log_request(self, request: GenerationRequest, generated: int, last: Event | None) -> None:

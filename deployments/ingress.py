@@ -1,8 +1,9 @@
 """The HTTP ingress: TGI's API in front of the NeuronBatcher replicas.
 
 It loads only the tokenizer and configuration files (never Neuron: an actor without `neuron_cores`
-would see the node's cores), validates and tokenizes every request, and streams it through one
-batcher replica chosen by Serve's router. `/health`, `/info` and `/metrics` ask all replicas.
+would see the node's cores), validates and tokenizes every request, runs it on one batcher replica
+chosen by Serve's router, and streams its events from the replica's channel to this one's inbox.
+`/health`, `/info` and `/metrics` ask all replicas.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator
 
+import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -19,8 +21,10 @@ from neuron_serve import __version__
 from neuron_serve.config import Config
 from neuron_serve.loading import model_limits
 from neuron_serve.model_files import load_tokenizer, resolve_model_dir
+from neuron_serve.errors import IncompleteGenerationError
 from neuron_serve.request import ErrorEvent, Event, GenerationRequest, is_last
 
+from .channel import Inbox
 from .http_api import build_http_app
 from .metrics import IngressMetrics, scrape_cluster, tgi_metrics_text
 from .service import TextGeneration
@@ -31,40 +35,58 @@ REPLICA_LOST = (RayActorError, ActorUnavailableError)  # the replica process die
 
 
 class BatcherSource:
-    """Streams a request through one NeuronBatcher replica; stopping early cancels it there.
+    """Runs a request on one NeuronBatcher replica and streams its events from this replica's inbox.
 
-    A replica that dies before the request's first event (it was killed, or Serve had not yet heard
-    that it is gone) costs nothing visible: the request is sent again, and Serve's router, which drops
-    a replica it saw die, picks another. Once events have flowed, the request ends with an error event.
+    Serve's call picks the replica and ends when the request does; the events come over the inbox
+    (`channel.py`). Stopping early cancels the call, and with it the request. A replica that dies
+    before the request's first event (it was killed, or Serve had not yet heard that it is gone) costs
+    nothing visible: the request is sent again, and Serve's router, which drops a replica it saw die,
+    picks another. Once events have flowed, the request ends with an error event.
     """
 
     ATTEMPTS = 3
+    LAST_EVENTS_WAIT_S = 10.0  # the call returned: its last events were written, and are on their way
 
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle.options(stream=True)
+    def __init__(self, handle: DeploymentHandle, inbox: Inbox):
+        self.handle = handle
+        self.inbox = inbox
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+        reply_to = await self.inbox.address()
         for attempt in range(1, self.ATTEMPTS + 1):
-            response = self.handle.generate.remote(request)
-            started = finished = False
+            events_in = self.inbox.open(request.id)
+            response = self.handle.generate.remote(request, reply_to)
+            call = asyncio.ensure_future(response)
+            call.add_done_callback(events_in.put_nowait)  # the call's end arrives in line with the events
+            started = finished = returned = False
             try:
-                async for events in response:
-                    started, finished = True, is_last(events[-1])
-                    yield events
-                    if finished:
-                        return
-                return  # the replica's stream ended without a last event: the caller reports it incomplete
+                while True:
+                    item = await (asyncio.wait_for(events_in.get(), self.LAST_EVENTS_WAIT_S) if returned
+                                  else events_in.get())
+                    if item is not call:
+                        started, finished = True, is_last(item[-1])
+                        yield item
+                        if finished:
+                            return
+                    elif item.exception() is None:
+                        returned = True
+                    else:
+                        raise item.exception()
             except REPLICA_LOST as e:
                 if not started and attempt < self.ATTEMPTS:
                     logger.warning("request %s: its replica was lost before the first token (%s); sending it again",
                                    request.id, type(e).__name__)
                     continue
                 failure = e
+            except TimeoutError:
+                failure = IncompleteGenerationError("the replica finished the request, but its last events never came")
             except Exception as e:  # the replica could not be reached, or failed outside the engine
                 failure = e
             finally:
+                self.inbox.close(request.id)
                 if not finished:
                     response.cancel()
+                    call.cancel()
             logger.warning("request %s lost its replica: %s: %s", request.id, type(failure).__name__, failure)
             yield [ErrorEvent(request.id, "Request failed during generation: the replica serving it failed "
                                           f"({type(failure).__name__})")]
@@ -80,7 +102,7 @@ class Ingress:
         self.limits = model_limits(config, model_dir)
         request_metrics = IngressMetrics(self.limits)
         self.service = TextGeneration(
-            config, self.limits, load_tokenizer(model_dir), BatcherSource(batcher),
+            config, self.limits, load_tokenizer(model_dir), BatcherSource(batcher, Inbox(ray.util.get_node_ip_address())),
             model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
         )
         logger.info("Ingress ready for %s: %s", config.model_id, self.limits)

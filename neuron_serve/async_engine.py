@@ -1,13 +1,14 @@
 """The engine's step loop on a background thread, with asyncio callers on the other side.
 
-`generate(request)` is an async iterator of event lists for one request. The step thread hands each
-step's events to the event loop in one call; a caller that falls behind gets the events that piled
-up as one list, so a slow consumer costs one hand-over, not one per token. With `stream_interval`
-N > 1, a request's tokens after its first are handed over N at a time (its first token and its last
-event go at once): each hand-over is a message between processes in Ray Serve, so on a busy host
-fewer of them buy throughput, at the price of tokens arriving in bursts. A caller that stops
-iterating (client disconnect, task cancellation) cancels its request in the engine, which frees its
-row at the next step. A bug in a step fails the requests in flight and the loop keeps going.
+`open(request, deliver)` submits a request: `deliver` gets its events on the event loop, one call per
+step that made any, and the returned future resolves with its last event. `generate(request)` wraps
+that as an async iterator of event lists; a caller that falls behind gets the events that piled up
+as one list, so a slow consumer costs one hand-over, not one per token. With `stream_interval` N > 1,
+a request's tokens after its first are handed over N at a time (its first token and its last event
+go at once): on a busy host fewer hand-overs buy throughput, at the price of tokens arriving in
+bursts. A caller that stops iterating (client disconnect, task cancellation) cancels its request in
+the engine, which frees its row at the next step. A bug in a step fails the requests in flight and
+the loop keeps going.
 """
 
 from __future__ import annotations
@@ -25,6 +26,33 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 1.0  # the step thread sleeps this long at most when there is no work
 BROKEN_AFTER_FAILURES = 3  # failed forwards in a row after which the engine reports itself unhealthy
 
+Deliver = Callable[[list[Event]], None]
+
+
+class Stream:
+    """One request's events on their way to its `deliver`, grouped by `stream_interval`."""
+
+    __slots__ = ("deliver", "interval", "done", "pending", "tokens", "started")
+
+    def __init__(self, deliver: Deliver, interval: int, done: asyncio.Future[Event]):
+        self.deliver, self.interval, self.done = deliver, interval, done
+        self.pending: list[Event] = []
+        self.tokens = 0  # tokens in `pending`
+        self.started = False  # its first token went: the first goes at once, whatever the interval
+
+    def add(self, event: Event) -> bool:
+        """Takes one event; True when it was the request's last."""
+        self.pending.append(event)
+        self.tokens += isinstance(event, TokenEvent)
+        last = is_last(event)
+        if last or not self.started or self.tokens >= self.interval:
+            self.started = self.started or self.tokens > 0
+            events, self.pending, self.tokens = self.pending, [], 0
+            self.deliver(events)
+        if last and not self.done.done():
+            self.done.set_result(event)
+        return last
+
 
 class AsyncEngine:
     def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1):
@@ -33,7 +61,7 @@ class AsyncEngine:
         self.engine = engine
         self.on_step = on_step  # called on the event loop after each step (for metrics)
         self.stream_interval = stream_interval
-        self._streams: dict[str, asyncio.Queue[list[Event]]] = {}
+        self._streams: dict[str, Stream] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,34 +89,40 @@ class AsyncEngine:
         alive = self._thread is not None and self._thread.is_alive()
         return alive and self.engine.consecutive_failures < BROKEN_AFTER_FAILURES
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+    def open(self, request: GenerationRequest, deliver: Deliver) -> asyncio.Future[Event]:
+        """Submits `request`; `deliver` gets its events on the event loop. The future resolves with its
+        last event; `cancel(request.id)` stops it before that."""
         if self._thread is None:
             self.start()
         if request.id in self._streams:
             raise ValueError(f"request id {request.id} is already in flight")
-        queue: asyncio.Queue[list[Event]] = asyncio.Queue()
-        self._streams[request.id] = queue
+        done = self._loop.create_future()
+        self._streams[request.id] = Stream(deliver, self.stream_interval, done)
         self.engine.submit(request)
         self._wake.set()
-        finished = False
-        pending: list[Event] = []
-        first_handed_over = False  # the first token goes at once, whatever `stream_interval`
+        return done
+
+    def cancel(self, request_id: str) -> None:
+        """Frees the request's row at the next step; nothing once its last event went."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.done.cancel()
+            self.engine.cancel(request_id)
+            self._wake.set()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+        queue: asyncio.Queue[list[Event]] = asyncio.Queue()
+        self.open(request, queue.put_nowait)
         try:
-            while not finished:
-                pending.extend(await queue.get())
+            while True:
+                events = await queue.get()
                 while not queue.empty():
-                    pending.extend(queue.get_nowait())
-                finished = is_last(pending[-1])
-                tokens = sum(isinstance(e, TokenEvent) for e in pending)
-                if finished or not first_handed_over or tokens >= self.stream_interval:
-                    first_handed_over = first_handed_over or tokens > 0
-                    events, pending = pending, []
-                    yield events
+                    events += queue.get_nowait()
+                yield events
+                if is_last(events[-1]):
+                    return
         finally:
-            del self._streams[request.id]
-            if not finished:
-                self.engine.cancel(request.id)
-                self._wake.set()
+            self.cancel(request.id)
 
     # -- the step thread -------------------------------------------------------------------------
 
@@ -114,6 +148,15 @@ class AsyncEngine:
             except Exception:
                 logger.exception("on_step callback failed")
         for event in events:
-            queue = self._streams.get(event.request_id)
-            if queue is not None:  # else its caller is gone
-                queue.put_nowait([event])
+            stream = self._streams.get(event.request_id)
+            if stream is None:  # its caller is gone
+                continue
+            try:
+                if stream.add(event):
+                    del self._streams[event.request_id]
+            except Exception as e:  # a failing `deliver` ends its own request, not the others
+                logger.exception("delivering request %s's events failed", event.request_id)
+                self._streams.pop(event.request_id, None)
+                self.engine.cancel(event.request_id)
+                if not stream.done.done():
+                    stream.done.set_exception(e)

@@ -1,4 +1,5 @@
-"""BatcherSource resends a request whose replica was lost before its first event, and only then."""
+"""BatcherSource resends a request whose replica was lost before its first event, and only then; a call that
+ends without its last event ends the stream with an error."""
 
 from __future__ import annotations
 
@@ -10,18 +11,34 @@ from deployments.ingress import BatcherSource
 from neuron_serve.request import ErrorEvent, Finish, FinishReason, GenerationRequest, SamplingParams, StoppingParams, Token, TokenEvent
 
 
+class Inbox:
+    def __init__(self):
+        self.queues = {}
+
+    async def address(self):
+        return "this ingress"
+
+    def open(self, request_id):
+        self.queues[request_id] = asyncio.Queue()
+        return self.queues[request_id]
+
+    def close(self, request_id):
+        del self.queues[request_id]
+
+
 class Response:
-    """A streamed handle call: yields lists of events, then fails with `error` if given."""
+    """A handle call: puts lists of events in the inbox, then fails with `error` if given."""
 
     def __init__(self, batches, error=None):
-        self.batches, self.error, self.cancelled = batches, error, False
+        self.batches, self.error, self.cancelled, self.inbox = batches, error, False, None
 
-    def __aiter__(self):
-        return self._run()
+    def __await__(self):
+        return self._run().__await__()
 
     async def _run(self):
         for batch in self.batches:
-            yield batch
+            self.inbox.put_nowait(batch)
+            await asyncio.sleep(0.01)
         if self.error:
             raise self.error
 
@@ -31,18 +48,18 @@ class Response:
 
 class Handle:
     def __init__(self, responses):
-        self.responses, self.calls = list(responses), 0
-
-    def options(self, **_):
-        return self
+        self.responses, self.calls, self.inbox = list(responses), 0, Inbox()
 
     @property
     def generate(self):
         return self
 
-    def remote(self, request):
+    def remote(self, request, reply_to):
+        assert reply_to == "this ingress"
         self.calls += 1
-        return self.responses.pop(0)
+        response = self.responses.pop(0)
+        response.inbox = self.inbox.queues[request.id]
+        return response
 
 
 REQUEST = GenerationRequest("r1", (1, 2), SamplingParams(), StoppingParams(2))
@@ -55,7 +72,7 @@ def token(index: int, last: bool = False) -> TokenEvent:
 
 def collect(handle) -> list:
     async def go():
-        return [e async for events in BatcherSource(handle).stream(REQUEST) for e in events]
+        return [e async for events in BatcherSource(handle, handle.inbox).stream(REQUEST) for e in events]
 
     return asyncio.run(go())
 
@@ -78,3 +95,11 @@ def test_gives_up_after_three_lost_replicas():
     handle = Handle([Response([], ActorDiedError()) for _ in range(3)])
     [error] = collect(handle)
     assert handle.calls == 3 and isinstance(error, ErrorEvent)
+
+
+def test_a_call_that_returns_without_its_last_event_ends_with_one_error(monkeypatch):
+    monkeypatch.setattr(BatcherSource, "LAST_EVENTS_WAIT_S", 0.1)
+    handle = Handle([Response([[token(1)]])])
+    events = collect(handle)
+    assert [type(e) for e in events] == [TokenEvent, ErrorEvent]
+    assert "(IncompleteGenerationError)" in events[-1].message

@@ -1,0 +1,214 @@
+"""Tokens from NeuronBatcher replicas to Ingress replicas: one message per engine step, not per request.
+
+Serve's call per request (`NeuronBatcher.generate`) picks the replica, carries cancellation and
+reports a lost replica. The events themselves come back over a channel: each ingress replica listens
+on a TCP port (its `Inbox`), and each batcher replica keeps one connection to each ingress it serves
+(its `Outbox`), on which it writes one frame per engine step holding the events of all that ingress's
+requests. TGI's router gets one message per decode step for the whole batch in the same way, and
+vLLM's front end one `EngineCoreOutputs`. Each item streamed through Serve costs both processes a
+message of their own, so at batch 8 this is 8 times fewer messages on this hop.
+
+A frame is a 4-byte length and a pickled `{request_id: [events]}`. A connection opens with the
+ingress's secret, which travels only inside Serve's own calls; the inbox unpickles nothing from a
+connection that did not present it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import pickle
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable
+
+from neuron_serve.request import Event
+
+logger = logging.getLogger("ray.serve")
+
+SECRET_BYTES = 16
+LENGTH_BYTES = 4
+
+
+class ChannelError(ConnectionError):
+    """The connection to an ingress could not be opened, or it closed."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where an ingress replica takes its events: sent along with every request it makes."""
+
+    host: str
+    port: int
+    secret: bytes = field(repr=False)
+
+
+class Inbox:
+    """An ingress replica's end: a queue per request it waits on, fed by the batchers' frames."""
+
+    def __init__(self, host: str):
+        self.host = host
+        self.secret = secrets.token_bytes(SECRET_BYTES)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._server: asyncio.Server | None = None
+        self._starting = asyncio.Lock()
+        self._connections: set[asyncio.StreamWriter] = set()
+
+    async def address(self) -> Address:
+        """Listens on first use (it needs the replica's event loop)."""
+        if self._server is None:
+            async with self._starting:
+                if self._server is None:
+                    self._server = await asyncio.start_server(self._read, self.host, 0)
+                    logger.info("Inbox listening on %s:%d", self.host, self.port)
+        return Address(self.host, self.port, self.secret)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        """The queue `request_id`'s event lists will arrive on; `close` it when done."""
+        queue = self._queues[request_id] = asyncio.Queue()
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+        try:
+            if not hmac.compare_digest(await reader.readexactly(SECRET_BYTES), self.secret):
+                logger.warning("Inbox: refused a connection from %s without the secret",
+                               writer.get_extra_info("peername"))
+                return
+            while True:
+                length = int.from_bytes(await reader.readexactly(LENGTH_BYTES), "big")
+                frame: dict[str, list[Event]] = pickle.loads(await reader.readexactly(length))
+                for request_id, events in frame.items():
+                    queue = self._queues.get(request_id)
+                    if queue is not None:  # else its caller is gone
+                        queue.put_nowait(events)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the batcher went away; its Serve calls report that to their callers
+        finally:
+            self._connections.discard(writer)
+            writer.close()
+
+    async def stop(self) -> None:
+        """Stops listening and closes the batchers' connections: their requests here fail."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._connections):
+            writer.close()
+
+
+class Channel:
+    """A batcher replica's connection to one ingress: events sent during one step go as one frame."""
+
+    def __init__(self, address: Address, on_closed: Callable[[Channel], None]):
+        self.address = address
+        self._frame: dict[str, list[Event]] = {}
+        self._flush_scheduled = False
+        self._writer: asyncio.StreamWriter | None = None
+        self._error: ChannelError | None = None
+        self._waiting: dict[str, asyncio.Future] = {}  # requests to fail if the connection breaks
+        self._on_closed = on_closed
+        self._opened = asyncio.ensure_future(self._open())
+        self._watching: asyncio.Task | None = None
+
+    def attach(self, request_id: str, done: asyncio.Future) -> None:
+        """`done` fails with ChannelError if the connection cannot carry `request_id`'s events."""
+        if self._error is not None:
+            done.set_exception(self._error)
+        else:
+            self._waiting[request_id] = done
+
+    def detach(self, request_id: str) -> None:
+        self._waiting.pop(request_id, None)
+
+    def send(self, request_id: str, events: list[Event]) -> None:
+        """Adds events to the frame of this step."""
+        queued = self._frame.get(request_id)
+        if queued is None:
+            self._frame[request_id] = events
+        else:
+            queued += events
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def drain(self) -> None:
+        """Returns once what was sent is written to the connection; raises ChannelError if it cannot be."""
+        await asyncio.shield(self._opened)
+        self._flush()
+        if self._error is None:
+            try:
+                await self._writer.drain()
+            except ConnectionError as e:
+                self._close(ChannelError(f"the channel to {self._where} broke: {e}"))
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def _where(self) -> str:
+        return f"the ingress at {self.address.host}:{self.address.port}"
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._writer is None or not self._frame:
+            return  # not open yet: opening flushes what is held; closed: its requests have failed
+        data = pickle.dumps(self._frame, protocol=pickle.HIGHEST_PROTOCOL)
+        self._frame = {}
+        self._writer.write(len(data).to_bytes(LENGTH_BYTES, "big") + data)
+
+    async def _open(self) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(self.address.host, self.address.port)
+        except OSError as e:
+            self._close(ChannelError(f"cannot reach {self._where}: {e}"))
+            return
+        writer.write(self.address.secret)
+        self._writer = writer
+        self._flush()
+        self._watching = asyncio.ensure_future(self._watch(reader))
+
+    async def _watch(self, reader: asyncio.StreamReader) -> None:
+        """The ingress never writes: anything it does, end of stream included, means it is gone."""
+        try:
+            await reader.read(1)
+        except ConnectionError:
+            pass
+        self._close(ChannelError(f"{self._where} closed the channel"))
+
+    def _close(self, error: ChannelError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        logger.warning("%s", error)
+        self._on_closed(self)
+        for done in self._waiting.values():
+            if not done.done():
+                done.set_exception(error)
+        self._waiting.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class Outbox:
+    """A batcher replica's channels, one per ingress replica, opened on first use."""
+
+    def __init__(self):
+        self._channels: dict[Address, Channel] = {}
+
+    def channel(self, address: Address) -> Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = Channel(address, self._forget)
+        return channel
+
+    def _forget(self, channel: Channel) -> None:
+        if self._channels.get(channel.address) is channel:
+            del self._channels[channel.address]
