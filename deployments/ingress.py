@@ -21,7 +21,6 @@ from neuron_serve import __version__
 from neuron_serve.config import Config
 from neuron_serve.loading import model_limits
 from neuron_serve.model_files import load_tokenizer, resolve_model_dir
-from neuron_serve.errors import IncompleteGenerationError
 from neuron_serve.request import ErrorEvent, Event, GenerationRequest, is_last
 
 from .channel import Inbox
@@ -41,7 +40,8 @@ class BatcherSource:
     (`channel.py`). Stopping early cancels the call, and with it the request. A replica that dies
     before the request's first event (it was killed, or Serve had not yet heard that it is gone) costs
     nothing visible: the request is sent again, and Serve's router, which drops a replica it saw die,
-    picks another. Once events have flowed, the request ends with an error event.
+    picks another. Once events have flowed, the request ends with an error event. A call that returns
+    without its last event having come ends the stream there, which the caller reports as incomplete.
     """
 
     ATTEMPTS = 3
@@ -78,8 +78,9 @@ class BatcherSource:
                                    request.id, type(e).__name__)
                     continue
                 failure = e
-            except TimeoutError:
-                failure = IncompleteGenerationError("the replica finished the request, but its last events never came")
+            except TimeoutError:  # the caller reports the generation incomplete
+                logger.warning("request %s: its replica finished it, but its last events never came", request.id)
+                return
             except Exception as e:  # the replica could not be reached, or failed outside the engine
                 failure = e
             finally:

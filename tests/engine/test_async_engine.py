@@ -97,3 +97,25 @@ def test_a_stream_interval_hands_tokens_over_in_groups_after_the_first(tiny_mode
 def test_a_stream_interval_below_one_is_refused(tiny_model_dir, tokenizer):
     with pytest.raises(ValueError, match="stream_interval"):
         AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), stream_interval=0)
+
+
+def test_a_failing_deliver_ends_its_own_request_and_not_the_others(async_engine, tokenizer, reference):
+    prompt = tokenizer("Hello").input_ids
+
+    def broken(events):
+        raise RuntimeError("the caller's channel broke")
+
+    async def main():
+        async_engine.start()
+        failed = async_engine.open(request("broken", prompt, 50), broken)
+        events = await asyncio.wait_for(collect(async_engine, request("fine", prompt, 12)), 60)
+        with pytest.raises(RuntimeError, match="channel broke"):
+            await asyncio.wait_for(failed, 60)
+        for _ in range(100):
+            if not async_engine.engine.batch.active():
+                break
+            await asyncio.sleep(0.01)
+        assert async_engine.engine.batch.free_rows() == [0, 1] and async_engine.in_flight == 0
+        return events
+
+    assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 12)

@@ -1,5 +1,5 @@
 """BatcherSource resends a request whose replica was lost before its first event, and only then; a call that
-ends without its last event ends the stream with an error."""
+returns without its last event ends the stream there."""
 
 from __future__ import annotations
 
@@ -97,9 +97,7 @@ def test_gives_up_after_three_lost_replicas():
     assert handle.calls == 3 and isinstance(error, ErrorEvent)
 
 
-def test_a_call_that_returns_without_its_last_event_ends_with_one_error(monkeypatch):
+def test_a_call_that_returns_without_its_last_event_ends_the_stream_there(monkeypatch):
     monkeypatch.setattr(BatcherSource, "LAST_EVENTS_WAIT_S", 0.1)
     handle = Handle([Response([[token(1)]])])
-    events = collect(handle)
-    assert [type(e) for e in events] == [TokenEvent, ErrorEvent]
-    assert "(IncompleteGenerationError)" in events[-1].message
+    assert [e.index for e in collect(handle)] == [1]  # no last event: the caller reports it incomplete
