@@ -75,3 +75,33 @@ def test_openai_sdk(app, greedy_text, greedy_chat_text):
     stream = client.completions.create(model="tgi", prompt=PROMPT, max_tokens=N, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == greedy_text
     assert [m.id for m in client.models.list()] == ["neuron-serve/tiny-llama"]
+
+
+def test_the_load_generators_streams(app, tokenizer, reference, greedy_chat_text):
+    """scripts/bench.py's own clients: TGI's stream and OpenAI's, counted token by token; a refusal is an error."""
+    import asyncio
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = sys.modules["bench"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    job = bench.Job(PROMPT, tuple(tokenizer(PROMPT).input_ids), N, 0.0)
+    too_long = bench.Job(PROMPT, job.prompt_ids, 10_000, 0.0)
+
+    async def main():
+        async with bench.http_target(bench.TGIStream, "tgi", app) as tgi:
+            counts = [n async for n in tgi.stream(job)]
+            with pytest.raises(bench.TargetError, match="validation"):  # TGI streams the error as an event
+                [n async for n in tgi.stream(too_long)]
+        async with bench.http_target(bench.OpenAIChatStream, "openai", app, model="tgi", tokenizer=tokenizer) as chat:
+            chat_counts = [n async for n in chat.stream(job)]
+        return counts, chat_counts, chat.seen
+
+    counts, chat_counts, seen = asyncio.run(main())
+    greedy = reference(tokenizer(PROMPT).input_ids, N)
+    assert counts == [0 if t in tokenizer.all_special_ids else 1 for t in greedy]
+    assert sum(chat_counts) == len(tokenizer(greedy_chat_text, add_special_tokens=False).input_ids) > 0
+    assert seen == {PROMPT}
