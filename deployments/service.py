@@ -1,7 +1,8 @@
 """The one generation path behind every route: permit → validate → run on a batcher → shape the answer.
 
-`TextGeneration` knows nothing of Ray: it is given an `EventSource` (batcher replicas behind a Serve
-handle) and returns plain JSON-able dicts or SSE byte chunks, one chunk per hand-over of tokens.
+`TextGeneration` knows nothing of Ray: it is given an `EventSource` (batcher replicas, called through a
+Serve handle, their events read from the ingress's inbox) and returns plain JSON-able dicts or SSE byte
+chunks, one chunk per hand-over of tokens.
 Routes only translate their body into `GenerateParameters` and call one of the methods here.
 """
 
