@@ -267,7 +267,7 @@ async def engine_target(config: Config) -> AsyncIterator[EngineStream]:
 async def http_target(kind, name: str, url: str, **extra) -> AsyncIterator[Target]:
     # aiohttp rather than httpx: it reads a stream for about a third of the CPU, which on a small host
     # is CPU the server under test gets back
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_connect=60),
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=300),
                                      connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**20) as client:
         yield kind(name, url.rstrip("/"), client, **extra)
 

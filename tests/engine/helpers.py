@@ -8,7 +8,7 @@ from neuron_serve.config import Config, resolve_limits
 from neuron_serve.engine import Engine
 from neuron_serve.loading import open_torch_backend
 from neuron_serve.model_files import eos_token_ids
-from neuron_serve.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
+from neuron_serve.request import GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 from neuron_serve.scheduler import InsertionPolicy, PrefillPolicy
 
 
