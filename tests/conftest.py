@@ -92,6 +92,17 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout}s")
 
 
+def load_script(name: str):
+    """`scripts/<name>.py` as a module, registered under `name` (its dataclasses look their module up by name)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def serve_process_env(root: int, title: str, timeout: float = 60.0) -> dict[str, str]:
     """The environment of the Serve process titled `title` (e.g. "ray::ProxyActor") among `root`'s descendants."""
     import psutil

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,14 +9,9 @@ from pathlib import Path
 
 from tests.engine.neuron_standin import NeuronModelStandIn
 
+from ..conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "export.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("export_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_export_refuses_clearly_without_the_neuron_sdk(tmp_path):
@@ -30,7 +24,7 @@ def test_export_refuses_clearly_without_the_neuron_sdk(tmp_path):
 
 def test_export_writes_a_compiled_model_with_its_tokenizer(tiny_model_dir, tmp_path, capsys):
     out_dir = tmp_path / "compiled"
-    code = load_script().main([str(tiny_model_dir), "--batch-size", "4", "--sequence-length", "256", "--num-cores", "2",
+    code = load_script("export").main([str(tiny_model_dir), "--batch-size", "4", "--sequence-length", "256", "--num-cores", "2",
                                "--dtype", "float32", "--out", str(out_dir)], model_class=NeuronModelStandIn)
     assert code == 0
     nc = json.loads((out_dir / "neuron_config.json").read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ..conftest import load_script
+
 PROMPT = "What is Deep Learning?"
 N = 10
 
@@ -80,14 +82,8 @@ def test_openai_sdk(app, greedy_text, greedy_chat_text):
 def test_the_load_generators_streams(app, tokenizer, reference, greedy_chat_text):
     """scripts/bench.py's own clients: TGI's stream and OpenAI's, counted token by token; a refusal is an error."""
     import asyncio
-    import importlib.util
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
-    bench = sys.modules["bench"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     job = bench.Job(PROMPT, tuple(tokenizer(PROMPT).input_ids), N, 0.0)
     too_long = bench.Job(PROMPT, job.prompt_ids, 10_000, 0.0)
 
