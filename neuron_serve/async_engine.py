@@ -156,7 +156,6 @@ class AsyncEngine:
                     del self._streams[event.request_id]
             except Exception as e:  # a failing `deliver` ends its own request, not the others
                 logger.exception("delivering request %s's events failed", event.request_id)
-                self._streams.pop(event.request_id, None)
-                self.engine.cancel(event.request_id)
                 if not stream.done.done():
                     stream.done.set_exception(e)
+                self.cancel(event.request_id)
