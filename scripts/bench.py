@@ -392,7 +392,9 @@ def cpu_seconds_by_role() -> dict[str, float]:
     """CPU seconds used so far by this process and its descendants (Ray workers by process title)."""
     import psutil
 
-    roles = {"ProxyActor": "proxy", "Ingress": "ingress", "NeuronBatcher": "batchers", "transformers": "transformers serve"}
+    # "proxy": HAProxy, the actor that runs it, and Serve's Python proxy (HAProxy's fallback)
+    roles = {"haproxy": "proxy", "HAProxyManager": "proxy", "ProxyActor": "proxy", "Ingress": "ingress",
+             "NeuronBatcher": "batchers", "transformers": "transformers serve"}
     me = psutil.Process()
     totals = {"load generator": sum(me.cpu_times()[:2])}
     for child in me.children(recursive=True):

@@ -163,10 +163,21 @@ def cluster():
     from ray import serve
 
     http, metrics = free_port(), free_port()
-    # A cluster of this process's own (address="local"): shutting it down stops only its processes, so a
-    # benchmark or another Ray cluster on the machine is left alone.
-    ray.init(address="local", num_cpus=16, resources={"neuron_cores": 4}, include_dashboard=False,
-             _metrics_export_port=metrics, logging_level="ERROR", log_to_driver=False)
+    # HAProxy's side ports (stats, Prometheus, the fallback proxy) are fixed by default: free ones for
+    # this cluster's processes only (they inherit the environment Ray starts in), so that a `serve run`
+    # beside it (test_serve_run) gets the defaults, as on a fresh machine.
+    side_ports = {name: str(free_port()) for name in (
+        "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+    os.environ.update(side_ports)
+    try:
+        # A cluster of this process's own (address="local"): shutting it down stops only its processes, so
+        # a benchmark or another Ray cluster on the machine is left alone.
+        ray.init(address="local", num_cpus=16, resources={"neuron_cores": 4}, include_dashboard=False,
+                 _metrics_export_port=metrics, logging_level="ERROR", log_to_driver=False)
+    finally:
+        for name in side_ports:
+            del os.environ[name]
     try:
         # Serve's controller and proxy with serve_config.yaml's settings, as `serve run` starts them.
         serve.start(http_options={"host": "127.0.0.1", "port": http}, controller_options=SERVE_CONFIG["controller_options"])

@@ -23,6 +23,6 @@ def test_both_deployments_get_them_whatever_config_runs_the_app(tiny_model_dir):
 
 
 def test_the_test_clusters_controller_and_proxy_run_with_them(cluster):
-    for title in ("ray::ServeController", "ray::ProxyActor"):
+    for title in ("ray::ServeController", "ray::HAProxyManager", "ray::ProxyActor"):
         env = serve_process_env(os.getpid(), title)
         assert {name: env.get(name) for name in SERVE_ENV} == SERVE_ENV, title

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from deployments.ray_env import SERVE_ENV
 
@@ -57,8 +58,10 @@ def test_serve_run_serve_config_yaml_starts_and_generates():
         assert r.status_code == 200 and r.json()["generated_text"]
         info = httpx.get(f"{url}/info", timeout=30).json()
         assert info["model_id"] == "neuron-serve/tiny-llama" and info["backend"] == "torch"
-        proxy_env = serve_process_env(process.pid, "ray::ProxyActor")  # its settings came from controller_options
-        assert {name: proxy_env.get(name) for name in SERVE_ENV} == SERVE_ENV
+        for title in ("ray::HAProxyManager", "ray::ProxyActor"):  # their settings came from controller_options
+            env = serve_process_env(process.pid, title)
+            assert {name: env.get(name) for name in SERVE_ENV} == SERVE_ENV, title
+        assert any(p.name() == "haproxy" for p in psutil.Process(process.pid).children(recursive=True))
     finally:
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: Serve shuts down, the local Ray goes with it
         try:
