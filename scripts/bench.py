@@ -54,6 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TARGETS = {"serve_over_engine": 0.85, "ours_over_transformers_serve": 1.5, "serve_ttft_overhead_ms": 5.0,
            "fleet_over_linear": 0.8}
+# Requests per closed-loop run, at least: the idle TTFT overhead is a p50 at one stream, and over 8
+# requests it swung by 20 ms between identical runs.
+MIN_REQUESTS = 24
 
 
 # -- the workload ----------------------------------------------------------------------------------
@@ -319,7 +322,7 @@ async def run_load(target: Target, jobs: list[Job], concurrency: int | None = No
 def measure(open_target, jobs: list[Job], levels: list[int] = (), rates: list[float] = (),
             per_stream: int | None = None, keep=None) -> list[Run]:
     """Warm the target up, then one run per rate (all jobs), or per concurrency level: on the first
-    `per_stream` x streams jobs (at least 8), or on all when `per_stream` is None."""
+    `per_stream` x streams jobs (at least MIN_REQUESTS), or on all when `per_stream` is None."""
 
     async def main() -> list[Run]:
         async with open_target() as target:
@@ -328,7 +331,8 @@ def measure(open_target, jobs: list[Job], levels: list[int] = (), rates: list[fl
                 keep.append(target)
             if rates:
                 return [await run_load(target, jobs, rate=r) for r in rates]
-            return [await run_load(target, jobs if per_stream is None else jobs[: max(8, per_stream * c)], concurrency=c)
+            return [await run_load(target, jobs if per_stream is None else jobs[: max(MIN_REQUESTS, per_stream * c)],
+                                   concurrency=c)
                     for c in levels]
 
     return asyncio.run(main())
@@ -513,7 +517,8 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     levels = args.concurrency or sorted({1, max(1, batch // 2), batch})
     model_dir = resolve_model_dir(config)
     tokenizer = load_tokenizer(model_dir)
-    jobs = make_workload(tokenizer, max(8, args.per_stream * max(levels)), args.seed, args.prompt_tokens, args.output_tokens)
+    jobs = make_workload(tokenizer, max(MIN_REQUESTS, args.per_stream * max(levels)), args.seed, args.prompt_tokens,
+                         args.output_tokens)
     def sweep(open_target, keep=None) -> list[Run]:
         return measure(open_target, jobs, levels, per_stream=args.per_stream, keep=keep)
 
@@ -643,7 +648,7 @@ def simulate(args) -> tuple[dict, list[Run]]:
 def load_test(args) -> tuple[dict, list[Run]]:
     tokenizer = load_tokenizer(resolve_model_dir(Config(model_id=args.model)))
     levels = args.concurrency or [1, 8, 32]
-    jobs = make_workload(tokenizer, args.requests or max(8, args.per_stream * max(levels)), args.seed,
+    jobs = make_workload(tokenizer, args.requests or max(MIN_REQUESTS, args.per_stream * max(levels)), args.seed,
                          args.prompt_tokens, args.output_tokens)
     if args.engine:
         config = load_config({"model_id": args.model, "max_batch_size": args.batch, "backend": "torch"})
@@ -673,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=Config().model_id, help="the tokenizer's (and --engine's) model")
     parser.add_argument("--concurrency", type=numbers(int), help="closed loop: concurrent streams, e.g. 1,8,32")
     parser.add_argument("--rate", type=numbers(float), help="open loop: Poisson request rates per second, e.g. 2,4")
-    parser.add_argument("--requests", type=int, help="requests per run (default: --per-stream x streams, at least 8)")
+    parser.add_argument("--requests", type=int, help=f"requests per run (default: --per-stream x streams, at least {MIN_REQUESTS})")
     parser.add_argument("--per-stream", type=int, default=4, help="closed loop: requests per stream")
     parser.add_argument("--prompt-tokens", type=span, default=(16, 256), help="uniform range, e.g. 16:256")
     parser.add_argument("--output-tokens", type=span, help="max_new_tokens range (default 32:128, --simulate 16:64)")
