@@ -103,8 +103,9 @@ def load_script(name: str):
     return module
 
 
-def serve_process_env(root: int, title: str, timeout: float = 60.0) -> dict[str, str]:
-    """The environment of the Serve process titled `title` (e.g. "ray::ProxyActor") among `root`'s descendants."""
+def descendant(root: int, title: str, timeout: float = 60.0, read=lambda process: process.name()):
+    """`read` of the process whose command line holds `title` among `root`'s descendants, waiting for it
+    (one that exits meanwhile, as HAProxy's reloads end some, is skipped)."""
     import psutil
 
     deadline = time.monotonic() + timeout
@@ -112,11 +113,16 @@ def serve_process_env(root: int, title: str, timeout: float = 60.0) -> dict[str,
         for child in psutil.Process(root).children(recursive=True):
             try:
                 if title in " ".join(child.cmdline()):
-                    return child.environ()
+                    return read(child)
             except psutil.Error:
                 continue
         assert time.monotonic() < deadline, f"no {title} process under pid {root}"
         time.sleep(0.5)
+
+
+def serve_process_env(root: int, title: str, timeout: float = 60.0) -> dict[str, str]:
+    """The environment of the Serve process titled `title` (e.g. "ray::ProxyActor") among `root`'s descendants."""
+    return descendant(root, title, timeout, read=lambda process: process.environ())
 
 
 def _run_quietly(application, name: str) -> None:
