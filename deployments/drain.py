@@ -2,7 +2,8 @@
 
     python -m deployments.drain [--address auto]
 
-Deleting an application stops routing new requests to it (they get 404/503 at once) while its
+Deleting an application stops routing new requests to it (they get 404 at once, or a 503 within a
+second from an ingress replica HAProxy reached before it heard; see ingress.BatcherSource) while its
 replicas finish what they are serving, up to `graceful_shutdown_timeout_s`; the HTTP proxies stay
 up meanwhile, so in-flight streams reach their clients. `serve shutdown`, and Ctrl-C on `serve
 run`, stop the proxies first and cut them. The container runs this on SIGTERM

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus
 
 from neuron_serve import __version__
 from neuron_serve.config import Config
@@ -42,14 +44,22 @@ class BatcherSource:
     nothing visible: the request is sent again, and Serve's router, which drops a replica it saw die,
     picks another. Once events have flowed, the request ends with an error event. A call that returns
     without its last event having come ends the stream there, which the caller reports as incomplete.
+
+    A request still waiting for its first event asks, each second, whether its app is being deleted:
+    the batchers leave Serve's router as their app's deletion begins, while HAProxy may still send this
+    ingress requests for a moment, and Serve would hold such a request until this replica is killed.
+    It ends with a 503 instead. Waiting with no batcher is otherwise right (they are loading, being
+    replaced, or scaling up from zero), so the app's status decides, not the count of batchers.
     """
 
     ATTEMPTS = 3
     LAST_EVENTS_WAIT_S = 10.0  # the call returned: its last events were written, and are on their way
+    DELETION_CHECK_S = 1.0  # how often a request that has no event yet asks whether its app is being deleted
 
-    def __init__(self, handle: DeploymentHandle, inbox: Inbox):
+    def __init__(self, handle: DeploymentHandle, inbox: Inbox, app_deleting: Callable[[], Awaitable[bool]]):
         self.handle = handle
         self.inbox = inbox
+        self.app_deleting = app_deleting
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         reply_to = await self.inbox.address()
@@ -61,8 +71,16 @@ class BatcherSource:
             started = finished = returned = False
             try:
                 while True:
-                    item = await (asyncio.wait_for(events_in.get(), self.LAST_EVENTS_WAIT_S) if returned
-                                  else events_in.get())
+                    if returned:
+                        item = await asyncio.wait_for(events_in.get(), self.LAST_EVENTS_WAIT_S)
+                    elif started:
+                        item = await events_in.get()
+                    else:
+                        item = await self._first_event(events_in)
+                        if item is None:
+                            yield [ErrorEvent(request.id, "The server is shutting down: this model is no longer "
+                                                          "served here", "unhealthy")]
+                            return
                     if item is not call:
                         started, finished = True, is_last(item[-1])
                         yield item
@@ -93,6 +111,40 @@ class BatcherSource:
                                           f"({type(failure).__name__})")]
             return
 
+    async def _first_event(self, events_in: asyncio.Queue) -> Any:
+        """The request's first item, or None once its app is being deleted."""
+        while True:
+            try:
+                return await asyncio.wait_for(events_in.get(), self.DELETION_CHECK_S)
+            except TimeoutError:
+                if await self.app_deleting():
+                    return None
+
+
+class AppDeletion:
+    """Whether this replica's app is being deleted: Serve's controller is asked (`serve.status()`, off the
+    event loop) at most once a `period_s`, and every waiting request shares the answer."""
+
+    def __init__(self, period_s: float = 1.0):
+        self.period_s = period_s
+        self._asked_at = 0.0
+        self._answer: asyncio.Future | None = None
+
+    async def __call__(self) -> bool:
+        if self._answer is None or time.monotonic() - self._asked_at >= self.period_s:
+            self._asked_at = time.monotonic()
+            self._answer = asyncio.ensure_future(asyncio.to_thread(self._ask, serve.get_replica_context().app_name))
+        return await asyncio.shield(self._answer)
+
+    @staticmethod
+    def _ask(app_name: str) -> bool:
+        try:
+            app = serve.status().applications.get(app_name)
+        except Exception as e:  # the controller cannot be reached: nothing says the app is going
+            logger.info("serve.status(): %s: %s", type(e).__name__, e)
+            return False
+        return app is None or app.status == ApplicationStatus.DELETING
+
 
 @serve.ingress()
 class Ingress:
@@ -102,8 +154,9 @@ class Ingress:
         model_dir = resolve_model_dir(config, weights=False)
         self.limits = model_limits(config, model_dir)
         request_metrics = IngressMetrics(self.limits)
+        source = BatcherSource(batcher, Inbox(ray.util.get_node_ip_address()), AppDeletion())
         self.service = TextGeneration(
-            config, self.limits, load_tokenizer(model_dir), BatcherSource(batcher, Inbox(ray.util.get_node_ip_address())),
+            config, self.limits, load_tokenizer(model_dir), source,
             model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
         )
         logger.info("Ingress ready for %s: %s", config.model_id, self.limits)

@@ -1,5 +1,6 @@
 """BatcherSource resends a request whose replica was lost before its first event, and only then; a call that
-returns without its last event ends the stream there."""
+returns without its last event ends the stream there; a request that waits for its first event while its
+app is being deleted ends with a 503."""
 
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ class Inbox:
 
 
 class Response:
-    """A handle call: puts lists of events in the inbox, then fails with `error` if given."""
+    """A handle call: after `delay_s`, puts lists of events in the inbox, then fails with `error` if given."""
 
-    def __init__(self, batches, error=None):
-        self.batches, self.error, self.cancelled, self.inbox = batches, error, False, None
+    def __init__(self, batches, error=None, delay_s=0.0):
+        self.batches, self.error, self.delay_s, self.cancelled, self.inbox = batches, error, delay_s, False, None
 
     def __await__(self):
         return self._run().__await__()
 
     async def _run(self):
+        await asyncio.sleep(self.delay_s)
         for batch in self.batches:
             self.inbox.put_nowait(batch)
             await asyncio.sleep(0.01)
@@ -70,9 +72,21 @@ def token(index: int, last: bool = False) -> TokenEvent:
     return TokenEvent("r1", index, Token(5, "a", 0.0, False), [], None, finish)
 
 
-def collect(handle) -> list:
+class Deletion:
+    """The app-deletion check: says `deleting`, counting the times it is asked."""
+
+    def __init__(self, deleting: bool):
+        self.deleting, self.asked = deleting, 0
+
+    async def __call__(self) -> bool:
+        self.asked += 1
+        return self.deleting
+
+
+def collect(handle, deletion=None) -> list:
     async def go():
-        return [e async for events in BatcherSource(handle, handle.inbox).stream(REQUEST) for e in events]
+        source = BatcherSource(handle, handle.inbox, deletion or Deletion(False))
+        return [e async for events in source.stream(REQUEST) for e in events]
 
     return asyncio.run(go())
 
@@ -101,3 +115,20 @@ def test_a_call_that_returns_without_its_last_event_ends_the_stream_there(monkey
     monkeypatch.setattr(BatcherSource, "LAST_EVENTS_WAIT_S", 0.1)
     handle = Handle([Response([[token(1)]])])
     assert [e.index for e in collect(handle)] == [1]  # no last event: the caller reports it incomplete
+
+
+def test_a_request_that_waits_while_its_app_is_deleted_ends_with_a_503(monkeypatch):
+    monkeypatch.setattr(BatcherSource, "DELETION_CHECK_S", 0.05)
+    queued = Response([[token(1)]], delay_s=10)  # Serve would hold it: no batcher is left to take it
+    deletion = Deletion(True)
+    [error] = collect(Handle([queued]), deletion)
+    assert isinstance(error, ErrorEvent) and error.error_type == "unhealthy" and "shutting down" in error.message
+    assert deletion.asked == 1 and queued.cancelled
+
+
+def test_a_request_that_waits_while_its_app_lives_keeps_waiting(monkeypatch):
+    monkeypatch.setattr(BatcherSource, "DELETION_CHECK_S", 0.05)
+    slow = Response([[token(1)], [token(2, last=True)]], delay_s=0.3)  # e.g. a batcher scaling up from zero
+    deletion = Deletion(False)
+    assert [e.index for e in collect(Handle([slow]), deletion)] == [1, 2]
+    assert deletion.asked >= 3 and not slow.cancelled
