@@ -16,9 +16,13 @@ streams, 2-core CPU (scripts/bench.py --url):
   8 streams: 364-377 vs 328-390 tok/s, within the noise. The proxy's CPU per streamed token: 0.19
   vs 0.60 ms (`make bench`), 0.09 vs 0.37 ms on the simulated inf2.48xlarge fleet (whose
   fleet_over_linear was 0.931 vs 0.904, same hour).
-  Behind HAProxy a stopping ingress replica stays reachable 2 s rather than Serve's 30 s: HAProxy
-  hears of it from the controller within a control loop, and retries a refused connection on another
-  replica; the 30 s are for load balancers that do neither.
+  Behind HAProxy a stopping ingress replica stays reachable 6 s rather than Serve's 30 s (the 30 s
+  are for load balancers that are not told, as HAProxy is by the controller). 6 s is twice the
+  slowest we saw from a replica's stop to HAProxy running without it: 3.0 s on this 2-core box under
+  the test suite. With 2 s, HAProxy still sent a rolling update's newcomer to the closed replica,
+  and it got a 500. A request that reaches a stopping ingress replica is served, as the batchers
+  outlive it, or, when the whole app is being deleted, refused with a 503 within a second
+  (ingress.BatcherSource).
 
 Two routes carry them, because Serve starts its processes two ways:
 - the app puts SERVE_ENV in its replicas' runtime_env (deployments/app.py), whatever config runs it;
@@ -33,5 +37,5 @@ SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "6",
 }
