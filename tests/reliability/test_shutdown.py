@@ -64,8 +64,8 @@ def test_drain_finishes_in_flight_streams_before_the_app_goes(cluster):
     """`python -m deployments.drain`, the container's SIGTERM handler, up to where it shuts Serve down.
 
     Newcomers knock every 0.1 s through the first 3 s of the drain, the window in which HAProxy still
-    lists the stopping ingress replica: each is served, or refused at once; none is held (an ingress
-    that admitted one after its app's batchers left would hold it until it is killed)."""
+    lists the stopping ingress replica: each is served, or refused (404, or 503 within about a second);
+    none is held (an ingress that admitted one after its app's batchers left held it until killed)."""
     from deployments.drain import drain
 
     url = cluster.deploy("draining", {**ARGS, "num_replicas": 1})
