@@ -123,7 +123,8 @@ class BatcherSource:
 
 class AppDeletion:
     """Whether this replica's app is being deleted: Serve's controller is asked (`serve.status()`, off the
-    event loop) at most once a `period_s`, and every waiting request shares the answer."""
+    event loop) at most once a `period_s`, never twice at a time, and every waiting request shares the
+    answer."""
 
     def __init__(self, period_s: float = 1.0):
         self.period_s = period_s
@@ -131,7 +132,7 @@ class AppDeletion:
         self._answer: asyncio.Future | None = None
 
     async def __call__(self) -> bool:
-        if self._answer is None or time.monotonic() - self._asked_at >= self.period_s:
+        if self._answer is None or (self._answer.done() and time.monotonic() - self._asked_at >= self.period_s):
             self._asked_at = time.monotonic()
             self._answer = asyncio.ensure_future(asyncio.to_thread(self._ask, serve.get_replica_context().app_name))
         return await asyncio.shield(self._answer)
