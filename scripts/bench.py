@@ -59,6 +59,11 @@ TARGETS = {"serve_over_engine": 0.85, "ours_over_transformers_serve": 1.5, "serv
 MIN_REQUESTS = 24
 
 
+def closed_loop_requests(per_stream: int, streams: int) -> int:
+    """Requests in a closed-loop run at `streams` concurrent streams."""
+    return max(MIN_REQUESTS, per_stream * streams)
+
+
 # -- the workload ----------------------------------------------------------------------------------
 
 
@@ -331,7 +336,7 @@ def measure(open_target, jobs: list[Job], levels: list[int] = (), rates: list[fl
                 keep.append(target)
             if rates:
                 return [await run_load(target, jobs, rate=r) for r in rates]
-            return [await run_load(target, jobs if per_stream is None else jobs[: max(MIN_REQUESTS, per_stream * c)],
+            return [await run_load(target, jobs if per_stream is None else jobs[: closed_loop_requests(per_stream, c)],
                                    concurrency=c)
                     for c in levels]
 
@@ -517,7 +522,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     levels = args.concurrency or sorted({1, max(1, batch // 2), batch})
     model_dir = resolve_model_dir(config)
     tokenizer = load_tokenizer(model_dir)
-    jobs = make_workload(tokenizer, max(MIN_REQUESTS, args.per_stream * max(levels)), args.seed, args.prompt_tokens,
+    jobs = make_workload(tokenizer, closed_loop_requests(args.per_stream, max(levels)), args.seed, args.prompt_tokens,
                          args.output_tokens)
     def sweep(open_target, keep=None) -> list[Run]:
         return measure(open_target, jobs, levels, per_stream=args.per_stream, keep=keep)
@@ -648,7 +653,7 @@ def simulate(args) -> tuple[dict, list[Run]]:
 def load_test(args) -> tuple[dict, list[Run]]:
     tokenizer = load_tokenizer(resolve_model_dir(Config(model_id=args.model)))
     levels = args.concurrency or [1, 8, 32]
-    jobs = make_workload(tokenizer, args.requests or max(MIN_REQUESTS, args.per_stream * max(levels)), args.seed,
+    jobs = make_workload(tokenizer, args.requests or closed_loop_requests(args.per_stream, max(levels)), args.seed,
                          args.prompt_tokens, args.output_tokens)
     if args.engine:
         config = load_config({"model_id": args.model, "max_batch_size": args.batch, "backend": "torch"})
