@@ -126,7 +126,7 @@ class AppDeletion:
     event loop) at most once a `period_s`, never twice at a time, and every waiting request shares the
     answer."""
 
-    def __init__(self, period_s: float = 1.0):
+    def __init__(self, period_s: float):
         self.period_s = period_s
         self._asked_at = 0.0
         self._answer: asyncio.Future | None = None
@@ -155,7 +155,8 @@ class Ingress:
         model_dir = resolve_model_dir(config, weights=False)
         self.limits = model_limits(config, model_dir)
         request_metrics = IngressMetrics(self.limits)
-        source = BatcherSource(batcher, Inbox(ray.util.get_node_ip_address()), AppDeletion())
+        source = BatcherSource(batcher, Inbox(ray.util.get_node_ip_address()),
+                               AppDeletion(BatcherSource.DELETION_CHECK_S))
         self.service = TextGeneration(
             config, self.limits, load_tokenizer(model_dir), source,
             model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
