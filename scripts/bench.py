@@ -479,17 +479,72 @@ def last_error_line(log: Path) -> str:
 # -- modes -----------------------------------------------------------------------------------------
 
 
-def serve_run(serve_config: dict, tmp: Path, sweep, out: Path) -> tuple[list[Run], dict[str, float]]:
-    """`serve run` on a copy of serve_config.yaml listening on a free local port; CPU per token by role."""
+@contextlib.contextmanager
+def serve_running(serve_config: dict, tmp: Path, log: Path):
+    """`serve run` on a copy of serve_config.yaml listening on a free local port; yields its URL."""
     port = free_port()
     serve_config["http_options"].update(host="127.0.0.1", port=port)
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(serve_config))
     url = f"http://127.0.0.1:{port}"
-    with server([str(BIN / "serve"), "run", str(tmp / "serve_config.yaml")], url, out / "serve_run.log",
-                env={"RAY_ADDRESS": "local"}):
-        before = cpu_seconds_by_role()
-        runs = sweep(lambda: http_target(TGIStream, "serve run (HTTP)", url))
-        return runs, cpu_ms_per_token(before, runs)
+    with server([str(BIN / "serve"), "run", str(tmp / "serve_config.yaml")], url, log, env={"RAY_ADDRESS": "local"}):
+        yield url
+
+
+@dataclass
+class Pair:
+    """One round at one load: the engine's run and serve run's, seconds apart."""
+
+    engine: Run
+    serve: Run
+
+
+@dataclass
+class Alternation:
+    pairs: dict[int, list[Pair]]  # concurrency -> its rounds
+    serve_cpu_ms_per_token: dict[str, float]  # by role, over the serve runs
+    background_cpus: float  # CPUs serve run's idle processes used while the engine ran
+
+
+def alternate(open_engine, open_serve, jobs: list[Job], levels: list[int], per_stream: int, rounds: int,
+              keep: list) -> Alternation:
+    """The engine and the served path in turns: at each level, `rounds` pairs of runs, seconds apart, in
+    ABBA order. This host's speed drifts by 10-20% over minutes, so sweeps minutes apart compare the
+    drift as much as the two paths; a ratio within each pair does not. `keep` gets the engine target."""
+
+    async def main() -> Alternation:
+        async with open_engine() as engine, open_serve() as served:
+            keep.append(engine)
+            for target in (engine, served):
+                await run_load(target, jobs[:2], concurrency=1, quiet=True)  # one at a time: a server may load lazily
+            pairs: dict[int, list[Pair]] = {c: [] for c in levels}
+            serve_cpu: dict[str, float] = {}
+            background = engine_seconds = 0.0
+            for c in levels:
+                for i in range(rounds):
+                    run = {}
+                    for target in (engine, served) if i % 2 == 0 else (served, engine):
+                        before = cpu_seconds_by_role()
+                        run[target.name] = await run_load(target, jobs[: closed_loop_requests(per_stream, c)],
+                                                          concurrency=c)
+                        spent = {role: seconds - before.get(role, 0.0) for role, seconds in cpu_seconds_by_role().items()}
+                        if target is served:
+                            for role, seconds in spent.items():
+                                serve_cpu[role] = serve_cpu.get(role, 0.0) + seconds
+                        else:  # this process is the engine now: the rest is serve run idling
+                            background += sum(seconds for role, seconds in spent.items() if role != "load generator")
+                            engine_seconds += run[target.name].seconds
+                    pairs[c].append(Pair(run[engine.name], run[served.name]))
+            tokens = sum(p.serve.summary()["tokens"] for rounds_at in pairs.values() for p in rounds_at)
+            return Alternation(pairs, {role: round(1000 * seconds / tokens, 2) for role, seconds in serve_cpu.items()},
+                               round(background / engine_seconds, 3))
+
+    return asyncio.run(main())
+
+
+def pooled(runs: list[Run]) -> Run:
+    """Several runs of one target at one load as one: their requests together, their seconds summed."""
+    return Run(runs[0].target, runs[0].concurrency, runs[0].rate, [r for run in runs for r in run.records],
+               sum(run.seconds for run in runs))
 
 
 def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, sweep,
@@ -528,38 +583,47 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         return measure(open_target, jobs, levels, per_stream=args.per_stream, keep=keep)
 
     engine = []
-    runs = sweep(lambda: engine_target(config), keep=engine)
     with tempfile.TemporaryDirectory() as tmp:
-        served, serve_cpu = serve_run(serve_config, Path(tmp), sweep, args.out)
+        with serve_running(serve_config, Path(tmp), args.out / "serve_run.log") as url:
+            turns = alternate(lambda: engine_target(config), lambda: http_target(TGIStream, "serve run (HTTP)", url),
+                              jobs, levels, args.per_stream, args.rounds, keep=engine)
         model = str(pass_through_model(model_dir, Path(tmp)))
         peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out)
-    runs += served + peer_runs
+    runs = ([pooled([p.engine for p in turns.pairs[c]]) for c in levels]
+            + [pooled([p.serve for p in turns.pairs[c]]) for c in levels] + peer_runs)
 
     at = {(r.target, r.concurrency): r.summary() for r in runs}
     names = {"engine": "engine", "serve": "serve run (HTTP)", "transformers_serve": "transformers serve"}
     top = {key: at.get((name, batch)) for key, name in names.items()}
-    idle = [at.get((names[key], 1)) for key in ("engine", "serve")]
     p50 = lambda metric: {k: s and s[metric]["p50"] for k, s in top.items()}  # noqa: E731
     tok_s = {k: s and s["tok_s"] for k, s in top.items()}
+    # Each round's figure from its own pair of runs; the median of the rounds is the result.
+    each = lambda c, f: [f(p.engine.summary(), p.serve.summary()) for p in turns.pairs.get(c, [])]  # noqa: E731
+    throughput_rounds = each(batch, lambda e, s: ratio(s["tok_s"], e["tok_s"]))
+    ttft_rounds = each(1, lambda e, s: round(s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"], 2))
+    middle = lambda values: round(statistics.median(values), 3) if values else None  # noqa: E731
     summary = {
         "mode": "side-by-side", "model": config.model_id, "batch_size": batch, "concurrency": levels,
-        "stream_interval": config.stream_interval,
+        "rounds": args.rounds, "stream_interval": config.stream_interval,
         "transformers_serve_mode": mode,
         "transformers_serve_matched_engine": f"{len(peer.matched)}/{len(peer.seen)}",
-        "serve_over_engine": ratio(tok_s["serve"], tok_s["engine"]),
+        "serve_over_engine": middle(throughput_rounds), "serve_over_engine_rounds": throughput_rounds,
         "ours_over_transformers_serve": ratio(tok_s["serve"], tok_s["transformers_serve"]),
-        "serve_ttft_overhead_ms": round(idle[1]["ttft_ms"]["p50"] - idle[0]["ttft_ms"]["p50"], 2) if all(idle) else None,
+        "serve_ttft_overhead_ms": middle(ttft_rounds), "serve_ttft_overhead_ms_rounds": ttft_rounds,
         "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_tpot_ms": p50("tpot_ms"), "p50_ttft_ms": p50("ttft_ms"),
-        "serve_run_cpu_ms_per_token": serve_cpu,
+        "serve_run_cpu_ms_per_token": turns.serve_cpu_ms_per_token,
+        "serve_run_idle_cpus_during_engine_runs": turns.background_cpus,
     }
     print_table(runs)
     print(f"\ntransformers serve mode: {mode}")
     print(f"transformers serve's text = the engine's on {summary['transformers_serve_matched_engine']} prompts "
           "(tokens counted exactly there, by re-tokenizing elsewhere)")
-    print(f"CPU ms per streamed token in the serve run sweep ({os.cpu_count()} CPUs here): "
-          + ", ".join(f"{k} {v}" for k, v in serve_cpu.items()))
+    print(f"engine and serve run in turns: {args.rounds} rounds of each at each load (rows above pool them); "
+          f"serve run's idle processes used {turns.background_cpus} CPUs while the engine ran")
+    print(f"CPU ms per streamed token in the serve runs ({os.cpu_count()} CPUs here): "
+          + ", ".join(f"{k} {v}" for k, v in turns.serve_cpu_ms_per_token.items()))
     print(f"at concurrency {batch} (the batch size):")
-    print("  " + verdict("serve_over_engine", summary["serve_over_engine"]))
+    print("  " + verdict("serve_over_engine", summary["serve_over_engine"]) + f", median of rounds {throughput_rounds}")
     # Tokens handed over in groups arrive in bursts (ITL ~0 inside one): then TPOT is the fair per-token figure.
     per_token = "p50_itl_ms" if config.stream_interval == 1 else "p50_tpot_ms"
     ours, theirs = summary[per_token]["serve"], summary[per_token]["transformers_serve"]
@@ -568,7 +632,8 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
           + f", with {'a lower' if lower else 'NOT a lower'} {per_token[:-3].replace('_', ' ')}")
     for metric in ("p50_itl_ms", "p50_tpot_ms", "p50_ttft_ms"):
         print(f"  {metric}: " + ", ".join(f"{k} {v}" for k, v in summary[metric].items()))
-    print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True))
+    print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True)
+          + f", median of rounds {ttft_rounds}")
     return summary, runs
 
 
@@ -694,11 +759,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="--simulate: ingress replica counts to compare")
     parser.add_argument("--stream-interval", type=int,
                         help="--side-by-side, --simulate: the batchers' stream_interval (default: serve_config.yaml's, or 1)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--side-by-side: runs of the engine and of serve run, in turns, at each load")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the PNG, JSON and server logs go")
     args = parser.parse_args(argv)
     if args.stream_interval is not None and args.stream_interval < 1:
         parser.error("--stream-interval must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     args.output_tokens = args.output_tokens or ((16, 64) if args.simulate else (32, 128))
     args.out.mkdir(parents=True, exist_ok=True)
 
