@@ -96,7 +96,7 @@ class BatcherSource:
                                    request.id, type(e).__name__)
                     continue
                 failure = e
-            except TimeoutError:  # the caller reports the generation incomplete
+            except asyncio.TimeoutError:  # the caller reports the generation incomplete
                 logger.warning("request %s: its replica finished it, but its last events never came", request.id)
                 return
             except Exception as e:  # the replica could not be reached, or failed outside the engine
@@ -116,7 +116,7 @@ class BatcherSource:
         while True:
             try:
                 return await asyncio.wait_for(events_in.get(), self.DELETION_CHECK_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 if await self.app_deleting():
                     return None
 
