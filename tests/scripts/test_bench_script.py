@@ -4,6 +4,7 @@ ending with the JSON summary (figures are not judged here)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -82,6 +83,42 @@ def test_open_loop_sends_at_the_arrival_times(bench):
     starts = [r.start - run.records[0].start for r in run.records]
     assert starts == pytest.approx([0.0, 0.05, 0.1, 0.15], abs=0.03)
     assert run.concurrency is None and run.summary()["tokens"] == 12
+
+
+def test_side_by_side_runs_the_two_paths_in_turns(bench):
+    """Engine and serve run alternate at each load, ABBA, and each round's two runs are paired."""
+    order = []
+
+    class Logged(SleepyTarget):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        async def stream(self, job):
+            if job.prompt == "prompt 0":  # every run starts with the first job
+                order.append(self.name)
+            async for n in super().stream(job):
+                yield n
+
+    def opener(name):
+        @contextlib.asynccontextmanager
+        async def open_target():
+            yield Logged(name)
+        return open_target
+
+    kept = []
+    turns = bench.alternate(opener("engine"), opener("serve"), jobs(bench, bench.MIN_REQUESTS), [1, 2],
+                            per_stream=1, rounds=3, keep=kept)
+    assert order == ["engine", "serve"] + ["engine", "serve", "serve", "engine", "engine", "serve"] * 2  # warm-up first
+    assert [k.name for k in kept] == ["engine"]
+    assert sorted(turns.pairs) == [1, 2]
+    for c, rounds in turns.pairs.items():
+        assert len(rounds) == 3
+        assert all(p.engine.target == "engine" and p.serve.target == "serve" and p.engine.concurrency == c
+                   for p in rounds)
+    pooled = bench.pooled([p.serve for p in turns.pairs[2]])
+    assert len(pooled.records) == 3 * bench.MIN_REQUESTS
+    assert pooled.seconds == pytest.approx(sum(p.serve.seconds for p in turns.pairs[2]))
 
 
 def test_openai_text_is_counted_against_the_reference_tokens(bench):
