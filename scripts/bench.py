@@ -390,6 +390,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def median(values: list[float | None]) -> float | None:
+    """The median of the values that were measured (not None); None if none was."""
+    measured = [v for v in values if v is not None]
+    return round(statistics.median(measured), 3) if measured else None
+
+
 def verdict(name: str, value: float | None, at_most: bool = False) -> str:
     if value is None:
         return f"{name}: not measured"
@@ -597,19 +603,20 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     top = {key: at.get((name, batch)) for key, name in names.items()}
     p50 = lambda metric: {k: s and s[metric]["p50"] for k, s in top.items()}  # noqa: E731
     tok_s = {k: s and s["tok_s"] for k, s in top.items()}
-    # Each round's figure from its own pair of runs; the median of the rounds is the result.
+    # Each round's figure from its own pair of runs (None where a run had no successful request); the
+    # median of the rounds is the result.
     each = lambda c, f: [f(p.engine.summary(), p.serve.summary()) for p in turns.pairs.get(c, [])]  # noqa: E731
     throughput_rounds = each(batch, lambda e, s: ratio(s["tok_s"], e["tok_s"]))
-    ttft_rounds = each(1, lambda e, s: round(s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"], 2))
-    middle = lambda values: round(statistics.median(values), 3) if values else None  # noqa: E731
+    ttft_rounds = each(1, lambda e, s: None if None in (s["ttft_ms"]["p50"], e["ttft_ms"]["p50"])
+                       else round(s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"], 2))
     summary = {
         "mode": "side-by-side", "model": config.model_id, "batch_size": batch, "concurrency": levels,
         "rounds": args.rounds, "stream_interval": config.stream_interval,
         "transformers_serve_mode": mode,
         "transformers_serve_matched_engine": f"{len(peer.matched)}/{len(peer.seen)}",
-        "serve_over_engine": middle(throughput_rounds), "serve_over_engine_rounds": throughput_rounds,
+        "serve_over_engine": median(throughput_rounds), "serve_over_engine_rounds": throughput_rounds,
         "ours_over_transformers_serve": ratio(tok_s["serve"], tok_s["transformers_serve"]),
-        "serve_ttft_overhead_ms": middle(ttft_rounds), "serve_ttft_overhead_ms_rounds": ttft_rounds,
+        "serve_ttft_overhead_ms": median(ttft_rounds), "serve_ttft_overhead_ms_rounds": ttft_rounds,
         "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_tpot_ms": p50("tpot_ms"), "p50_ttft_ms": p50("ttft_ms"),
         "serve_run_cpu_ms_per_token": turns.serve_cpu_ms_per_token,
         "serve_run_idle_cpus_during_engine_runs": turns.background_cpus,

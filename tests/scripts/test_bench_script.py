@@ -30,6 +30,11 @@ def test_percentile_interpolates_between_ranks(bench):
     assert bench.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
 
 
+def test_median_of_rounds_skips_rounds_not_measured(bench):
+    assert bench.median([0.9, None, 0.8, 1.0]) == 0.9
+    assert bench.median([None, None]) is None and bench.median([]) is None
+
+
 def test_summary_of_a_run(bench):
     ok = bench.Record(start=0.0, end=1.0, chunks=[(0.2, 1), (0.4, 1), (1.0, 3)])  # a chunk of 3 tokens: 3 ITLs of 0.2
     slow = bench.Record(start=0.5, end=2.5, chunks=[(1.5, 1), (2.5, 1)])
