@@ -324,6 +324,11 @@ async def run_load(target: Target, jobs: list[Job], concurrency: int | None = No
     return Run(target.name, None if rate else concurrency, rate, records, time.perf_counter() - start)
 
 
+async def warm_up(target: Target, jobs: list[Job]) -> None:
+    """Two requests, one at a time, before anything is measured: a server may load lazily."""
+    await run_load(target, jobs[:2], concurrency=1, quiet=True)
+
+
 def measure(open_target, jobs: list[Job], levels: list[int] = (), rates: list[float] = (),
             per_stream: int | None = None, keep=None) -> list[Run]:
     """Warm the target up, then one run per rate (all jobs), or per concurrency level: on the first
@@ -331,7 +336,7 @@ def measure(open_target, jobs: list[Job], levels: list[int] = (), rates: list[fl
 
     async def main() -> list[Run]:
         async with open_target() as target:
-            await run_load(target, jobs[:2], concurrency=1, quiet=True)  # one at a time: a server may load lazily
+            await warm_up(target, jobs)
             if keep is not None:
                 keep.append(target)
             if rates:
@@ -420,10 +425,15 @@ def cpu_seconds_by_role() -> dict[str, float]:
     return totals
 
 
-def cpu_ms_per_token(before: dict[str, float], runs: list[Run]) -> dict[str, float]:
-    """CPU milliseconds each role spent per streamed token since `before`, over these runs."""
+def cpu_seconds_since(before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each role spent since `before` (a `cpu_seconds_by_role()`)."""
+    return {role: seconds - before.get(role, 0.0) for role, seconds in cpu_seconds_by_role().items()}
+
+
+def cpu_ms_per_token(spent: dict[str, float], runs: list[Run]) -> dict[str, float]:
+    """CPU milliseconds each role spent (`spent`, in seconds) per token streamed in these runs."""
     tokens = sum(r.summary()["tokens"] for r in runs)
-    return {k: round(1000 * (v - before.get(k, 0.0)) / tokens, 2) for k, v in cpu_seconds_by_role().items()}
+    return {role: round(1000 * seconds / tokens, 2) for role, seconds in spent.items()}
 
 
 # -- servers in subprocesses -----------------------------------------------------------------------
@@ -521,7 +531,7 @@ def alternate(open_engine, open_serve, jobs: list[Job], levels: list[int], per_s
         async with open_engine() as engine, open_serve() as served:
             keep.append(engine)
             for target in (engine, served):
-                await run_load(target, jobs[:2], concurrency=1, quiet=True)  # one at a time: a server may load lazily
+                await warm_up(target, jobs)
             pairs: dict[int, list[Pair]] = {c: [] for c in levels}
             serve_cpu: dict[str, float] = {}
             background = engine_seconds = 0.0
@@ -532,7 +542,7 @@ def alternate(open_engine, open_serve, jobs: list[Job], levels: list[int], per_s
                         before = cpu_seconds_by_role()
                         run[target.name] = await run_load(target, jobs[: closed_loop_requests(per_stream, c)],
                                                           concurrency=c)
-                        spent = {role: seconds - before.get(role, 0.0) for role, seconds in cpu_seconds_by_role().items()}
+                        spent = cpu_seconds_since(before)
                         if target is served:
                             for role, seconds in spent.items():
                                 serve_cpu[role] = serve_cpu.get(role, 0.0) + seconds
@@ -540,9 +550,8 @@ def alternate(open_engine, open_serve, jobs: list[Job], levels: list[int], per_s
                             background += sum(seconds for role, seconds in spent.items() if role != "load generator")
                             engine_seconds += run[target.name].seconds
                     pairs[c].append(Pair(run[engine.name], run[served.name]))
-            tokens = sum(p.serve.summary()["tokens"] for rounds_at in pairs.values() for p in rounds_at)
-            return Alternation(pairs, {role: round(1000 * seconds / tokens, 2) for role, seconds in serve_cpu.items()},
-                               round(background / engine_seconds, 3))
+            serve_runs = [p.serve for rounds_at in pairs.values() for p in rounds_at]
+            return Alternation(pairs, cpu_ms_per_token(serve_cpu, serve_runs), round(background / engine_seconds, 3))
 
     return asyncio.run(main())
 
@@ -682,7 +691,7 @@ def simulate(args) -> tuple[dict, list[Run]]:
             before = cpu_seconds_by_role()
             name = f"{replicas} replicas, {ingress} ingress"
             runs += measure(lambda: http_target(TGIStream, name, url), jobs, [args.streams])
-            cpu[ingress] = cpu_ms_per_token(before, runs[-1:])
+            cpu[ingress] = cpu_ms_per_token(cpu_seconds_since(before), runs[-1:])
             serve.delete(f"fleet{ingress}")
     finally:
         serve.shutdown()
