@@ -2,10 +2,9 @@
 
 It crosses the processes neuron-serve's requests cross (HAProxy, an HTTP ingress deployment, a Serve
 call to a second deployment and back) with the same Serve settings (`ray_env.SERVE_ENV`), and does
-nothing else: no validation, no tokenizer, no engine. `scripts/bench.py --side-by-side` deploys it
-beside neuron-serve under `/floor` and times it with the others at one stream, so the idle TTFT that
-the serving path adds can be read against what these hops alone cost on the same host, in the same
-minutes. `import_path: deployments.floor:app`.
+nothing else: no validation, no tokenizer, no engine. `scripts/bench.py --side-by-side` serves it
+right after neuron-serve and times it at one stream, so the idle TTFT that the serving path adds can
+be read against what these hops alone cost on the same host. `import_path: deployments.floor:app`.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Request` itself on a method of a Serve ingress.

@@ -10,7 +10,7 @@ then the JSON summary as the last line.
     python scripts/bench.py --url http://localhost:8000 [--api tgi|openai] [--concurrency 1,8,32 | --rate 2,4]
     python scripts/bench.py --engine                   # the engine in this process: no Ray, no HTTP
     python scripts/bench.py --side-by-side             # engine alone, `serve run serve_config.yaml`, `transformers serve`
-                                                       # (and at one stream a no-op app on the same hops, deployments/floor.py)
+                                                       # (and the idle TTFT of a no-op app on the same hops)
     python scripts/bench.py --simulate inf2.48xlarge   # a fleet of simulated NeuronCore groups, 1000 streams
 
 Tokens are counted as they arrive: one per TGI event or engine event (special tokens such as EOS
@@ -414,8 +414,8 @@ def cpu_seconds_by_role() -> dict[str, float]:
     import psutil
 
     # "proxy": HAProxy, the actor that runs it, and Serve's Python proxy (HAProxy's fallback)
-    roles = {"ServeReplica:floor:": "no-op app", "haproxy": "proxy", "HAProxyManager": "proxy", "ProxyActor": "proxy",
-             "Ingress": "ingress", "NeuronBatcher": "batchers", "transformers": "transformers serve"}
+    roles = {"haproxy": "proxy", "HAProxyManager": "proxy", "ProxyActor": "proxy", "Ingress": "ingress",
+             "NeuronBatcher": "batchers", "transformers": "transformers serve"}
     me = psutil.Process()
     totals = {"load generator": sum(me.cpu_times()[:2])}
     for child in me.children(recursive=True):
@@ -496,8 +496,8 @@ def last_error_line(log: Path) -> str:
 # -- modes -----------------------------------------------------------------------------------------
 
 
-# The floor under the idle TTFT: a no-op app on the same path, deployed beside ours (deployments/floor.py).
-FLOOR_APP = {"name": "floor", "route_prefix": "/floor", "import_path": "deployments.floor:app"}
+# The floor under the idle TTFT: an app shaped like ours that does nothing (deployments/floor.py).
+FLOOR_APP = {"name": "floor", "route_prefix": "/", "import_path": "deployments.floor:app"}
 
 
 @contextlib.contextmanager
@@ -513,12 +513,10 @@ def serve_running(serve_config: dict, tmp: Path, log: Path):
 
 @dataclass
 class Pair:
-    """One round at one load: the engine's run and serve run's, seconds apart (and at one stream the
-    no-op app's, `deployments/floor.py`, where it is measured)."""
+    """One round at one load: the engine's run and serve run's, seconds apart."""
 
     engine: Run
     serve: Run
-    floor: Run | None = None
 
 
 @dataclass
@@ -529,26 +527,23 @@ class Alternation:
 
 
 def alternate(open_engine, open_serve, jobs: list[Job], levels: list[int], per_stream: int, rounds: int,
-              keep: list, open_floor=None) -> Alternation:
+              keep: list) -> Alternation:
     """The engine and the served path in turns: at each level, `rounds` pairs of runs, seconds apart, in
     ABBA order. This host's speed drifts by 10-20% over minutes, so sweeps minutes apart compare the
-    drift as much as the two paths; a ratio within each pair does not. `keep` gets the engine target.
-    `open_floor`: the no-op app, run in each round at one stream (ABC, CBA)."""
+    drift as much as the two paths; a ratio within each pair does not. `keep` gets the engine target."""
 
     async def main() -> Alternation:
-        async with open_engine() as engine, open_serve() as served, (open_floor or contextlib.nullcontext)() as floor:
+        async with open_engine() as engine, open_serve() as served:
             keep.append(engine)
-            for target in (engine, served, floor):
-                if target is not None:
-                    await warm_up(target, jobs)
+            for target in (engine, served):
+                await warm_up(target, jobs)
             pairs: dict[int, list[Pair]] = {c: [] for c in levels}
             serve_cpu: dict[str, float] = {}
             background = engine_seconds = 0.0
             for c in levels:
-                order = [engine, served] + ([floor] if floor is not None and c == 1 else [])
                 for i in range(rounds):
                     run = {}
-                    for target in order if i % 2 == 0 else order[::-1]:
+                    for target in (engine, served) if i % 2 == 0 else (served, engine):
                         before = cpu_seconds_by_role()
                         run[target.name] = await run_load(target, jobs[: closed_loop_requests(per_stream, c)],
                                                           concurrency=c)
@@ -556,10 +551,10 @@ def alternate(open_engine, open_serve, jobs: list[Job], levels: list[int], per_s
                         if target is served:
                             for role, seconds in spent.items():
                                 serve_cpu[role] = serve_cpu.get(role, 0.0) + seconds
-                        elif target is engine:  # this process is the engine now: the rest is serve run idling
+                        else:  # this process is the engine now: the rest is serve run idling
                             background += sum(seconds for role, seconds in spent.items() if role != "load generator")
                             engine_seconds += run[target.name].seconds
-                    pairs[c].append(Pair(run[engine.name], run[served.name], run.get(floor.name) if floor else None))
+                    pairs[c].append(Pair(run[engine.name], run[served.name]))
             serve_runs = [p.serve for rounds_at in pairs.values() for p in rounds_at]
             return Alternation(pairs, cpu_ms_per_token(serve_cpu, serve_runs), round(background / engine_seconds, 3))
 
@@ -608,18 +603,22 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         return measure(open_target, jobs, levels, per_stream=args.per_stream, keep=keep)
 
     engine = []
-    serve_config["applications"].append(FLOOR_APP)
     with tempfile.TemporaryDirectory() as tmp:
         with serve_running(serve_config, Path(tmp), args.out / "serve_run.log") as url:
-            wait_healthy(url + FLOOR_APP["route_prefix"], 60)
             turns = alternate(lambda: engine_target(config), lambda: http_target(TGIStream, "serve run (HTTP)", url),
-                              jobs, levels, args.per_stream, args.rounds, keep=engine,
-                              open_floor=lambda: http_target(TGIStream, "no-op app (HTTP)", url + FLOOR_APP["route_prefix"]))
+                              jobs, levels, args.per_stream, args.rounds, keep=engine)
+        # In a `serve run` of its own, not beside ours: its idle processes would take CPU from the runs above.
+        floors = []
+        if 1 in levels:
+            with serve_running({**serve_config, "applications": [FLOOR_APP]}, Path(tmp),
+                               args.out / "serve_run_floor.log") as url:
+                floors = measure(lambda: http_target(TGIStream, "no-op app (HTTP)", url), jobs, [1] * args.rounds,
+                                 per_stream=args.per_stream)
         model = str(pass_through_model(model_dir, Path(tmp)))
         peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out)
-    floors = [p.floor for p in turns.pairs.get(1, []) if p.floor]
     runs = ([pooled([p.engine for p in turns.pairs[c]]) for c in levels]
-            + [pooled([p.serve for p in turns.pairs[c]]) for c in levels] + ([pooled(floors)] if floors else []) + peer_runs)
+            + [pooled([p.serve for p in turns.pairs[c]]) for c in levels] + ([pooled(floors)] if floors else [])
+            + peer_runs)
 
     at = {(r.target, r.concurrency): r.summary() for r in runs}
     names = {"engine": "engine", "serve": "serve run (HTTP)", "transformers_serve": "transformers serve"}
@@ -632,8 +631,8 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     throughput_rounds = each(batch, lambda e, s: ratio(s["tok_s"], e["tok_s"]))
     ttft_rounds = each(1, lambda e, s: None if None in (s["ttft_ms"]["p50"], e["ttft_ms"]["p50"])
                        else round(s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"], 2))
-    floor_rounds = [p.floor and p.floor.summary()["ttft_ms"]["p50"] for p in turns.pairs.get(1, [])]
-    above_floor_rounds = [None if None in (t, f) else round(t - f, 2) for t, f in zip(ttft_rounds, floor_rounds)]
+    floor_runs = [run.summary()["ttft_ms"]["p50"] for run in floors]
+    overhead, floor = median(ttft_rounds), median(floor_runs)
     summary = {
         "mode": "side-by-side", "model": config.model_id, "batch_size": batch, "concurrency": levels,
         "rounds": args.rounds, "stream_interval": config.stream_interval,
@@ -641,9 +640,9 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         "transformers_serve_matched_engine": f"{len(peer.matched)}/{len(peer.seen)}",
         "serve_over_engine": median(throughput_rounds), "serve_over_engine_rounds": throughput_rounds,
         "ours_over_transformers_serve": ratio(tok_s["serve"], tok_s["transformers_serve"]),
-        "serve_ttft_overhead_ms": median(ttft_rounds), "serve_ttft_overhead_ms_rounds": ttft_rounds,
-        "floor_ttft_ms": median(floor_rounds), "floor_ttft_ms_rounds": floor_rounds,
-        "serve_ttft_overhead_above_floor_ms": median(above_floor_rounds),
+        "serve_ttft_overhead_ms": overhead, "serve_ttft_overhead_ms_rounds": ttft_rounds,
+        "floor_ttft_ms": floor, "floor_ttft_ms_runs": floor_runs,
+        "serve_ttft_overhead_above_floor_ms": None if None in (overhead, floor) else round(overhead - floor, 2),
         "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_tpot_ms": p50("tpot_ms"), "p50_ttft_ms": p50("ttft_ms"),
         "serve_run_cpu_ms_per_token": turns.serve_cpu_ms_per_token,
         "serve_run_idle_cpus_during_engine_runs": turns.background_cpus,
@@ -668,9 +667,9 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         print(f"  {metric}: " + ", ".join(f"{k} {v}" for k, v in summary[metric].items()))
     print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True)
           + f", median of rounds {ttft_rounds}")
-    print(f"  the no-op app's TTFT (deployments/floor.py: the same hops, HAProxy, an ingress deployment, a Serve call "
-          f"to a second deployment and back, and nothing else): {summary['floor_ttft_ms']} ms, median of rounds "
-          f"{floor_rounds}; ours adds {summary['serve_ttft_overhead_above_floor_ms']} ms above it")
+    print(f"  the floor: a no-op app on the same hops (deployments/floor.py: HAProxy, an ingress deployment, a Serve "
+          f"call to a second deployment and back), in the next minute: TTFT {floor} ms, median of runs {floor_runs}; "
+          f"ours adds {summary['serve_ttft_overhead_above_floor_ms']} ms above it")
     return summary, runs
 
 
