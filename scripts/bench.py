@@ -668,7 +668,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True)
           + f", median of rounds {ttft_rounds}")
     print(f"  the floor: a no-op app on the same hops (deployments/floor.py: HAProxy, an ingress deployment, a Serve "
-          f"call to a second deployment and back), in the next minute: TTFT {floor} ms, median of runs {floor_runs}; "
+          f"call to a second deployment and back), served right after ours: TTFT {floor} ms, median of runs {floor_runs}; "
           f"ours adds {summary['serve_ttft_overhead_above_floor_ms']} ms above it")
     return summary, runs
 

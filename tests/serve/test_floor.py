@@ -1,4 +1,4 @@
-"""The no-op app `make bench` times beside ours: through HTTP and Serve's call to its second deployment,
+"""The no-op app `make bench` times right after ours: through HTTP and Serve's call to its second deployment,
 read by the load generator as one TGI event."""
 
 from __future__ import annotations
