@@ -504,7 +504,7 @@ FLOOR_APP = {"name": "floor", "route_prefix": "/", "import_path": "deployments.f
 def serve_running(serve_config: dict, tmp: Path, log: Path):
     """`serve run` on a copy of serve_config.yaml listening on a free local port; yields its URL."""
     port = free_port()
-    serve_config["http_options"].update(host="127.0.0.1", port=port)
+    serve_config = {**serve_config, "http_options": {**serve_config["http_options"], "host": "127.0.0.1", "port": port}}
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(serve_config))
     url = f"http://127.0.0.1:{port}"
     with server([str(BIN / "serve"), "run", str(tmp / "serve_config.yaml")], url, log, env={"RAY_ADDRESS": "local"}):
