@@ -440,10 +440,24 @@ def cpu_ms_per_token(spent: dict[str, float], runs: list[Run]) -> dict[str, floa
 # -- servers in subprocesses -----------------------------------------------------------------------
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, for a process that binds it later: below Linux's ephemeral range (32768 up), where
+    outgoing connections and anything asking the kernel for a port cannot take it meanwhile, and above
+    Ray's worker ports (10002-19999); never the same one twice."""
+    for port in random.sample(range(20000, 32768), 100):
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            _ports_given.add(port)
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def wait_healthy(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:

@@ -10,7 +10,6 @@ and this process alike (a mismatch makes handle calls hang).
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -72,12 +71,6 @@ def reference(hf_model):
 
 
 # -- the Ray cluster ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout: float = 180.0) -> None:
@@ -168,6 +161,7 @@ def cluster():
     import ray
     from ray import serve
 
+    free_port = load_script("bench").free_port
     http, metrics = free_port(), free_port()
     # HAProxy's side ports (stats, Prometheus, the fallback proxy) are fixed by default: free ones for
     # this cluster's processes only (they inherit the environment Ray starts in), so that a `serve run`
