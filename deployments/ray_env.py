@@ -23,22 +23,6 @@ streams, 2-core CPU (scripts/bench.py --url):
   and it got a 500. A request that reaches a stopping ingress replica is served, as the batchers
   outlive it, or, when the whole app is being deleted, refused with a 503 within a second
   (ingress.BatcherSource).
-  HAProxy reloads on every ingress replica change, and the process it replaces goes on routing the
-  kept-alive client connections it holds from its old server list, each for one more request
-  (Ray's `idle-close-on-response`). Two settings keep such a request from failing:
-  - `close-spread-time` 1 s: the replaced process closes the connections idle at the reload within
-    1 s, so their clients reconnect to the current process (stop to reload, at most 3.0 s seen, plus
-    1 s is within the 6 s). Without it one stayed open up to the 90 s keep-alive, and its next
-    request went to the stopped replica: three refused connects, then the fallback proxy, 3 s late
-    (HAProxy's access log; tests/reliability/test_shutdown.py);
-  - `retry-on conn-failure empty-response`: a connection busy at the reload (a stream) is free for
-    its next request just as the old replica, drained, closes its kept-alive server connections. On
-    a reused one HAProxy got no response and, as the client had sent earlier requests on that
-    connection, closed it without one, for the client to retry (httpx: "Server disconnected without
-    sending a response"; a rolling update's newcomer, 2 full test runs of 4). HAProxy now retries it
-    on a fresh connection itself, then redispatches, which reaches the current replicas through the
-    fallback proxy. A request is retried only when no byte of a response came back, and generating
-    has no side effect, so a retry can only repeat work.
 
 Two routes carry them, because Serve starts its processes two ways:
 - the app puts SERVE_ENV in its replicas' runtime_env (deployments/app.py), whatever config runs it;
@@ -54,6 +38,4 @@ SERVE_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "6",
-    "RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S": "1",
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
 }
