@@ -35,6 +35,22 @@ def redeploy(args: dict) -> threading.Thread:
     return thread
 
 
+async def newcomer(client: httpx.AsyncClient, url: str):
+    """A request as a client behind HAProxy must send it: once more if its kept-alive connection closed
+    before any byte of a response. HAProxy closes a client's connection so, for the client to retry,
+    when the server connection it reused for the request closed without a response. During a rolling
+    update that happens to a request on a stream's connection just freed, as the drained old ingress
+    replica closes its kept-alive connections, as its replaced HAProxy process still routes there (the
+    replica's log puts the failures of 2 full test runs of 4 in that moment; HAProxy logs no such
+    request)."""
+    try:
+        return await stream(client, url, body(10))
+    except httpx.RemoteProtocolError as error:
+        if "without sending a response" not in str(error):
+            raise
+        return await stream(client, url, body(10))
+
+
 def test_a_redeploy_drains_in_flight_streams_and_serves_newcomers(rolling):
     before = {r["replica"] for r in httpx.get(f"{rolling}/info", timeout=30).json()["replicas"]}
 
@@ -44,7 +60,7 @@ def test_a_redeploy_drains_in_flight_streams_and_serves_newcomers(rolling):
             update = redeploy({**ARGS, "max_stop_sequences": 5})  # a changed config: every replica is replaced
             newcomers = []
             while update.is_alive():  # requests keep arriving during the rolling update
-                newcomers.append(asyncio.create_task(stream(client, rolling, body(10))))
+                newcomers.append(asyncio.create_task(newcomer(client, rolling)))
                 await asyncio.sleep(0.3)
             return await asyncio.gather(*in_flight), await asyncio.gather(*newcomers)
 
