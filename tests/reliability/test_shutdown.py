@@ -38,11 +38,11 @@ def redeploy(args: dict) -> threading.Thread:
 async def newcomer(client: httpx.AsyncClient, url: str):
     """A request as a client behind HAProxy must send it: once more if its kept-alive connection closed
     before any byte of a response. HAProxy closes a client's connection so, for the client to retry,
-    when the server connection it reused for the request closed without a response. During a rolling
-    update that happens to a request on a stream's connection just freed, as the drained old ingress
-    replica closes its kept-alive connections, as its replaced HAProxy process still routes there (the
-    replica's log puts the failures of 2 full test runs of 4 in that moment; HAProxy logs no such
-    request)."""
+    when the server connection it reused for the request closed without a response. In a rolling
+    update: a request on a stream's connection just freed goes, through the HAProxy process that a
+    reload replaced, to the old ingress replica, which, drained, is closing its kept-alive connections
+    just then (the replica's log puts the failures of 2 full test runs of 4 in that moment; HAProxy
+    logs no such request)."""
     try:
         return await stream(client, url, body(10))
     except httpx.RemoteProtocolError as error:
