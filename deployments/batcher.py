@@ -70,6 +70,7 @@ class NeuronBatcher:
 
         def deliver(events: list[Event]) -> None:
             nonlocal generated, last, handed_over
+            channel.send(request.id, events)
             tokens = sum(isinstance(e, TokenEvent) for e in events)
             if tokens:
                 now = time.monotonic()
@@ -77,7 +78,6 @@ class NeuronBatcher:
                 handed_over = now
             generated += tokens
             last = events[-1]
-            channel.send(request.id, events)
 
         done = self.engine.open(request, deliver)
         channel.attach(request.id, done)

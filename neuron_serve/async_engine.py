@@ -59,7 +59,7 @@ class AsyncEngine:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine = engine
-        self.on_step = on_step  # called on the event loop after each step (for metrics)
+        self.on_step = on_step  # called on the event loop after each step's deliveries (for metrics)
         self.stream_interval = stream_interval
         self._streams: dict[str, Stream] = {}
         self._wake = threading.Event()
@@ -142,11 +142,6 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
 
     def _dispatch(self, events: list[Event], stats: StepStats | None) -> None:
-        if stats is not None and self.on_step is not None:
-            try:
-                self.on_step(stats)
-            except Exception:
-                logger.exception("on_step callback failed")
         for event in events:
             stream = self._streams.get(event.request_id)
             if stream is None:  # its caller is gone
@@ -159,3 +154,13 @@ class AsyncEngine:
                 if not stream.done.done():
                     stream.done.set_exception(e)
                 self.cancel(event.request_id)
+        if stats is not None and self.on_step is not None:
+            # Behind whatever the deliveries scheduled (the loop runs its callbacks in order), so that
+            # the step's tokens go out before its metrics are recorded.
+            self._loop.call_soon(self._record, stats)
+
+    def _record(self, stats: StepStats) -> None:
+        try:
+            self.on_step(stats)
+        except Exception:
+            logger.exception("on_step callback failed")
