@@ -575,6 +575,15 @@ def alternate(open_engine, open_serve, jobs: list[Job], levels: list[int], per_s
     return asyncio.run(main())
 
 
+def paired_ttft_ms(engine: Run, served: Run) -> float | None:
+    """The median over prompts of served TTFT minus the engine's on the same prompt (ms): what the serving
+    path adds to a request, without the spread of prefill times across prompts that a difference of two
+    p50s carries. Both runs went through the same jobs in order (one record per job)."""
+    gaps = [(s.chunks[0][0] - s.start) - (e.chunks[0][0] - e.start) for e, s in zip(engine.records, served.records)
+            if e.error is None and s.error is None and e.chunks and s.chunks]
+    return round(statistics.median(gaps) * 1000, 2) if gaps else None
+
+
 def pooled(runs: list[Run]) -> Run:
     """Several runs of one target at one load as one: their requests together, their seconds summed."""
     return Run(runs[0].target, runs[0].concurrency, runs[0].rate, [r for run in runs for r in run.records],
@@ -645,6 +654,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     throughput_rounds = each(batch, lambda e, s: ratio(s["tok_s"], e["tok_s"]))
     ttft_rounds = each(1, lambda e, s: None if None in (s["ttft_ms"]["p50"], e["ttft_ms"]["p50"])
                        else round(s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"], 2))
+    paired_rounds = [paired_ttft_ms(p.engine, p.serve) for p in turns.pairs.get(1, [])]
     floor_runs = [run.summary()["ttft_ms"]["p50"] for run in floors]
     overhead, floor = median(ttft_rounds), median(floor_runs)
     summary = {
@@ -655,6 +665,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         "serve_over_engine": median(throughput_rounds), "serve_over_engine_rounds": throughput_rounds,
         "ours_over_transformers_serve": ratio(tok_s["serve"], tok_s["transformers_serve"]),
         "serve_ttft_overhead_ms": overhead, "serve_ttft_overhead_ms_rounds": ttft_rounds,
+        "serve_ttft_overhead_paired_ms": median(paired_rounds), "serve_ttft_overhead_paired_ms_rounds": paired_rounds,
         "floor_ttft_ms": floor, "floor_ttft_ms_runs": floor_runs,
         "serve_ttft_overhead_above_floor_ms": None if None in (overhead, floor) else round(overhead - floor, 2),
         "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_tpot_ms": p50("tpot_ms"), "p50_ttft_ms": p50("ttft_ms"),
@@ -681,6 +692,8 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         print(f"  {metric}: " + ", ".join(f"{k} {v}" for k, v in summary[metric].items()))
     print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True)
           + f", median of rounds {ttft_rounds}")
+    print(f"  per prompt (serve minus engine on the same prompt, the median over prompts): "
+          f"{summary['serve_ttft_overhead_paired_ms']} ms, median of rounds {paired_rounds}")
     print(f"  the floor: a no-op app on the same hops (deployments/floor.py: HAProxy, an ingress deployment, a Serve "
           f"call to a second deployment and back), served right after ours: TTFT {floor} ms, median of runs {floor_runs}; "
           f"ours adds {summary['serve_ttft_overhead_above_floor_ms']} ms above it")

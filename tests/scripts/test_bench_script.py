@@ -53,6 +53,18 @@ def test_summary_of_a_run(bench):
     assert s["first_errors"] == ["TargetError: overloaded"]
 
 
+def test_paired_ttft_compares_each_prompt_with_itself(bench):
+    def run(ttfts, errors=()):
+        return bench.Run("t", 1, None, [bench.Record(start=1.0, end=2.0, chunks=[(1.0 + t, 1)],
+                                                     error="failed" if i in errors else None)
+                                        for i, t in enumerate(ttfts)], seconds=1.0)
+
+    engine = run([0.010, 0.030, 0.020, 0.040])
+    served = run([0.014, 0.036, 0.025, 0.090], errors={3})  # the failed request is not compared
+    assert bench.paired_ttft_ms(engine, served) == 5.0  # gaps 4, 6 and 5 ms
+    assert bench.paired_ttft_ms(engine, run([0.5] * 4, errors={0, 1, 2, 3})) is None
+
+
 class SleepyTarget:
     """Answers every job with `max_new_tokens` tokens, 10 ms apart; counts requests in flight."""
 
