@@ -104,6 +104,10 @@ class Record:
     def tokens(self) -> int:
         return sum(n for _, n in self.chunks)
 
+    def ttft(self) -> float | None:
+        """Seconds from sending the request to its first token; None if none came."""
+        return self.chunks[0][0] - self.start if self.chunks else None
+
     def itls(self) -> list[float]:
         return [(at - before) / n for (before, _), (at, n) in zip(self.chunks, self.chunks[1:]) for _ in range(n)]
 
@@ -131,7 +135,7 @@ class Run:
     def latencies(self) -> dict[str, list[float]]:
         """Seconds: TTFT, end-to-end and TPOT per successful request, ITL per token."""
         ok = [r for r in self.records if r.error is None]
-        return {"ttft": [r.chunks[0][0] - r.start for r in ok if r.chunks],
+        return {"ttft": [r.ttft() for r in ok if r.chunks],
                 "itl": [gap for r in ok for gap in r.itls()],
                 "e2e": [r.end - r.start for r in ok],
                 "tpot": [t for r in ok for t in [r.tpot()] if t is not None]}
@@ -579,7 +583,7 @@ def paired_ttft_ms(engine: Run, served: Run) -> float | None:
     """The median over prompts of served TTFT minus the engine's on the same prompt (ms): what the serving
     path adds to a request, without the spread of prefill times across prompts that a difference of two
     p50s carries. Both runs went through the same jobs in order (one record per job)."""
-    gaps = [(s.chunks[0][0] - s.start) - (e.chunks[0][0] - e.start) for e, s in zip(engine.records, served.records)
+    gaps = [s.ttft() - e.ttft() for e, s in zip(engine.records, served.records)
             if e.error is None and s.error is None and e.chunks and s.chunks]
     return round(statistics.median(gaps) * 1000, 2) if gaps else None
 
