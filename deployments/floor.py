@@ -2,12 +2,16 @@
 
 It crosses the processes neuron-serve's requests cross (HAProxy, an HTTP ingress deployment, a Serve
 call to a second deployment and back) with the same Serve settings (`ray_env.SERVE_ENV`), and does
-nothing else: no validation, no tokenizer, no engine. `scripts/bench.py --side-by-side` serves it
-right after neuron-serve and times it at one stream, so the idle TTFT that the serving path adds can
-be read against what these hops alone cost on the same host. `import_path: deployments.floor:app`.
+nothing else: no validation, no tokenizer, no engine. Its second deployment answers after `wait_ms`
+(0 unless its app's args say), as a batcher answers after a prefill: a host's processes that sleep
+through one wake up slower than ones that were just busy. `scripts/bench.py --side-by-side` serves it
+right after neuron-serve, without and with a wait as long as the engine's idle TTFT, and times both
+at one stream, so the idle TTFT that the serving path adds can be read against what these hops alone
+cost on the same host. `import_path: deployments.floor:app` (no wait) or `deployments.floor:build_app`.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Request` itself on a method of a Serve ingress.
+import asyncio
 import json
 
 from fastapi import FastAPI, Request
@@ -23,7 +27,12 @@ OPTIONS = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": SERV
 
 @serve.deployment(**OPTIONS)
 class NoOpBatcher:
+    def __init__(self, wait_s: float):
+        self.wait_s = wait_s
+
     async def generate(self, body: dict) -> int:
+        if self.wait_s:
+            await asyncio.sleep(self.wait_s)
         return len(body.get("inputs", ""))
 
 
@@ -50,4 +59,9 @@ class NoOpIngress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-app = NoOpIngress.bind(NoOpBatcher.bind())
+def build_app(args: dict):
+    """`args`: {"wait_ms": how long the second deployment takes to answer} (default 0)."""
+    return NoOpIngress.bind(NoOpBatcher.bind(float(args.get("wait_ms", 0)) / 1000))
+
+
+app = build_app({})

@@ -514,8 +514,12 @@ def last_error_line(log: Path) -> str:
 # -- modes -----------------------------------------------------------------------------------------
 
 
-# The floor under the idle TTFT: an app shaped like ours that does nothing (deployments/floor.py).
-FLOOR_APP = {"name": "floor", "route_prefix": "/", "import_path": "deployments.floor:app"}
+def floor_apps(wait_ms: float) -> list[dict]:
+    """The floor under the idle TTFT, an app shaped like ours that does nothing (deployments/floor.py), twice:
+    answering at once at `/`, and at `/waiting` after `wait_ms` in its second deployment."""
+    return [{"name": "floor", "route_prefix": "/", "import_path": "deployments.floor:app"},
+            {"name": "floor-waiting", "route_prefix": "/waiting", "import_path": "deployments.floor:build_app",
+             "args": {"wait_ms": wait_ms}}]
 
 
 @contextlib.contextmanager
@@ -635,17 +639,23 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
             turns = alternate(lambda: engine_target(config), lambda: http_target(TGIStream, "serve run (HTTP)", url),
                               jobs, levels, args.per_stream, args.rounds, keep=engine)
         # In a `serve run` of its own, not beside ours: its idle processes would take CPU from the runs above.
-        floors = []
-        if 1 in levels:
-            with serve_running({**serve_config, "applications": [FLOOR_APP]}, Path(tmp),
+        # Waiting as long as the engine takes to its first token, its processes sleep through that as ours
+        # sleep through a prefill.
+        floors, waiting = [], []
+        wait_ms = median([p.engine.summary()["ttft_ms"]["p50"] for p in turns.pairs.get(1, [])])
+        if wait_ms is not None:
+            with serve_running({**serve_config, "applications": floor_apps(wait_ms)}, Path(tmp),
                                args.out / "serve_run_floor.log") as url:
+                wait_healthy(f"{url}/waiting", 600)
                 floors = measure(lambda: http_target(TGIStream, "no-op app (HTTP)", url), jobs, [1] * args.rounds,
                                  per_stream=args.per_stream)
+                waiting = measure(lambda: http_target(TGIStream, "no-op app + wait (HTTP)", f"{url}/waiting"),
+                                  jobs, [1] * args.rounds, per_stream=args.per_stream)
         model = str(pass_through_model(model_dir, Path(tmp)))
         peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out)
     runs = ([pooled([p.engine for p in turns.pairs[c]]) for c in levels]
-            + [pooled([p.serve for p in turns.pairs[c]]) for c in levels] + ([pooled(floors)] if floors else [])
-            + peer_runs)
+            + [pooled([p.serve for p in turns.pairs[c]]) for c in levels]
+            + [pooled(floor_runs) for floor_runs in (floors, waiting) if floor_runs] + peer_runs)
 
     at = {(r.target, r.concurrency): r.summary() for r in runs}
     names = {"engine": "engine", "serve": "serve run (HTTP)", "transformers_serve": "transformers serve"}
@@ -660,7 +670,10 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
                        else round(s["ttft_ms"]["p50"] - e["ttft_ms"]["p50"], 2))
     paired_rounds = [paired_ttft_ms(p.engine, p.serve) for p in turns.pairs.get(1, [])]
     floor_runs = [run.summary()["ttft_ms"]["p50"] for run in floors]
-    overhead, floor = median(ttft_rounds), median(floor_runs)
+    waiting_runs = [None if t is None else round(t - wait_ms, 2)  # its hops: its TTFT less the wait
+                    for t in (run.summary()["ttft_ms"]["p50"] for run in waiting)]
+    overhead, floor, waiting_floor = median(ttft_rounds), median(floor_runs), median(waiting_runs)
+    above = lambda base: None if None in (overhead, base) else round(overhead - base, 2)  # noqa: E731
     summary = {
         "mode": "side-by-side", "model": config.model_id, "batch_size": batch, "concurrency": levels,
         "rounds": args.rounds, "stream_interval": config.stream_interval,
@@ -671,7 +684,9 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         "serve_ttft_overhead_ms": overhead, "serve_ttft_overhead_ms_rounds": ttft_rounds,
         "serve_ttft_overhead_paired_ms": median(paired_rounds), "serve_ttft_overhead_paired_ms_rounds": paired_rounds,
         "floor_ttft_ms": floor, "floor_ttft_ms_runs": floor_runs,
-        "serve_ttft_overhead_above_floor_ms": None if None in (overhead, floor) else round(overhead - floor, 2),
+        "serve_ttft_overhead_above_floor_ms": above(floor),
+        "floor_wait_ms": wait_ms, "waiting_floor_ms": waiting_floor, "waiting_floor_ms_runs": waiting_runs,
+        "serve_ttft_overhead_above_waiting_floor_ms": above(waiting_floor),
         "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_tpot_ms": p50("tpot_ms"), "p50_ttft_ms": p50("ttft_ms"),
         "serve_run_cpu_ms_per_token": turns.serve_cpu_ms_per_token,
         "serve_run_idle_cpus_during_engine_runs": turns.background_cpus,
@@ -701,6 +716,9 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     print(f"  the floor: a no-op app on the same hops (deployments/floor.py: HAProxy, an ingress deployment, a Serve "
           f"call to a second deployment and back), served right after ours: TTFT {floor} ms, median of runs {floor_runs}; "
           f"ours adds {summary['serve_ttft_overhead_above_floor_ms']} ms above it")
+    print(f"  the same, its second deployment waiting {wait_ms} ms (the engine's p50 TTFT here) as a batcher waits "
+          f"for a prefill: its hops cost {waiting_floor} ms (TTFT less the wait), median of runs {waiting_runs}; "
+          f"ours adds {summary['serve_ttft_overhead_above_waiting_floor_ms']} ms above it")
     return summary, runs
 
 

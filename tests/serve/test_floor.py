@@ -4,6 +4,7 @@ read by the load generator as one TGI event."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 
@@ -34,3 +35,20 @@ def test_the_no_op_app_answers_one_tgi_event_through_its_second_deployment(clust
         assert (summary["requests"], summary["errors"], summary["tokens"]) == (3, 0, 3)
     finally:
         serve.delete("floor")
+
+
+def test_the_waiting_no_op_app_answers_after_its_wait(cluster):
+    from ray import serve
+
+    from deployments.floor import build_app
+
+    serve.run(build_app({"wait_ms": 300}), name="floor-waiting", route_prefix="/floor-waiting")
+    try:
+        url = f"{cluster.http}/floor-waiting"
+        wait_healthy(url, 60)
+        started = time.monotonic()
+        response = httpx.post(f"{url}/generate_stream", json={"inputs": "Hello"}, timeout=30)
+        assert response.status_code == 200 and '"id": 5' in response.text
+        assert time.monotonic() - started >= 0.3
+    finally:
+        serve.delete("floor-waiting")
