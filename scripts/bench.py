@@ -655,7 +655,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out)
     runs = ([pooled([p.engine for p in turns.pairs[c]]) for c in levels]
             + [pooled([p.serve for p in turns.pairs[c]]) for c in levels]
-            + [pooled(floor_runs) for floor_runs in (floors, waiting) if floor_runs] + peer_runs)
+            + [pooled(measured) for measured in (floors, waiting) if measured] + peer_runs)
 
     at = {(r.target, r.concurrency): r.summary() for r in runs}
     names = {"engine": "engine", "serve": "serve run (HTTP)", "transformers_serve": "transformers serve"}
