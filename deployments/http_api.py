@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from neuron_serve.config import Config
@@ -40,6 +41,20 @@ STATUS_BY_ERROR_TYPE = {
     "unhealthy": 503,
 }
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream that only streams. Under an ASGI server older than spec 2.4 (uvicorn
+    says 2.3), Starlette's own also listens for the client's disconnect, in a task group of its own:
+    43 µs per response against 2, before the first event. Serve already cancels a request whose client
+    went away (in its proxy, and in an ingress replica's own HTTP server behind HAProxy), and that
+    cancels the generation under it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:  # what Starlette does from spec 2.4 on
+            raise ClientDisconnect() from None
 
 
 class Operations(Protocol):
@@ -147,9 +162,9 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
     async def _serve_error(request: Request, e: ServeError):
         return error_response(STATUS_BY_ERROR_TYPE.get(e.error_type, 500), e.error_type, error_message(e))
 
-    def sse(body, characters: int) -> StreamingResponse:
+    def sse(body, characters: int) -> EventStream:
         headers = {**SSE_HEADERS, "x-compute-type": service.compute_type, "x-compute-characters": str(characters)}
-        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        return EventStream(body, media_type="text/event-stream", headers=headers)
 
     compat_full_text = True  # TGI: true for a text-generation model or an unknown pipeline tag
 

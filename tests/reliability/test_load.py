@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import SIMULATED, all_rows_free, body, run, stream, wait_until
+from .conftest import SIMULATED, all_rows_free, body, replicas, run, stream, streaming, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,29 @@ def test_a_hundred_clients_drop_their_streams_and_nothing_leaks(fleet):
     assert [r.status for r in results] == [200] * 128
     assert all(r.complete and len(r.tokens) == 5 for r in results)
     wait_until(lambda: all_rows_free(fleet), 60, what="every row free again")
+
+
+def test_a_client_gone_before_its_first_token_leaves_the_queue_at_once(narrow):
+    """Its request waits for a row behind four long streams when the client hangs up: it leaves the
+    replica's queue while they still run, because Serve cancels a request whose client went away (our
+    event stream does not listen for that itself)."""
+    waiting = lambda: sum(r["waiting"] for r in replicas(narrow))  # noqa: E731
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            running = await streaming(client, narrow, 4, 400)  # every row busy for ~5 s
+            queued = asyncio.create_task(stream(client, narrow, body(5)))
+            await asyncio.to_thread(wait_until, lambda: waiting() == 1, 10, what="the fifth request queued")
+            queued.cancel()
+            await asyncio.to_thread(wait_until, lambda: waiting() == 0, 3, what="the dropped request gone")
+            busy = sum(r["active"] for r in replicas(narrow))
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, queued, return_exceptions=True)
+            return busy
+
+    assert run(scenario()) == 4  # it left before any row came free
+    wait_until(lambda: all_rows_free(narrow), 30, what="every row free")
 
 
 def test_twice_the_concurrency_limit_is_refused_at_once_and_the_rest_complete(narrow):
