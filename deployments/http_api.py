@@ -2,21 +2,25 @@
 
 Routes only translate: read the body into its schema, call `TextGeneration`, send JSON or SSE.
 Errors become HTTP in one place (`ServeError` → status by `error_type`), always in TGI's body shape
-`{"error", "error_type"}` — also for what TGI's framework answers in plain text (bad JSON 400,
-wrong shape 422, wrong content type 415, body too large 413, missing key 401), so every client can
-parse every error. Auth, body size and CORS are plain ASGI middleware that never buffer a stream.
+`{"error", "error_type"}` — also for what TGI's framework answers in plain text or with an empty body
+(bad JSON 400, wrong shape 422, wrong content type 415, body too large 413, missing key 401, unknown
+route 404, wrong method 405), so every client can parse every error. Auth, body size, CORS and HEAD
+are plain ASGI middleware that never buffer a stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from typing import Any, Protocol, TypeVar
+import time
+from typing import Any, AsyncIterator, Protocol, TypeVar
 
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,17 +48,44 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 class EventStream(StreamingResponse):
-    """A server-sent event stream that only streams. Under an ASGI server older than spec 2.4 (uvicorn
-    says 2.3), Starlette's own also listens for the client's disconnect, in a task group of its own:
-    43 µs per response against 2, before the first event. Serve already cancels a request whose client
-    went away (in its proxy, and in an ingress replica's own HTTP server behind HAProxy), and that
-    cancels the generation under it."""
+    """A server-sent event stream that only streams, with TGI's keep-alive: an SSE comment after every
+    `keep_alive_s` without an event (a request queued behind a full batch, a long prefill), so that
+    proxies in between keep the connection open.
+
+    Under an ASGI server older than spec 2.4 (uvicorn says 2.3), Starlette's own response also listens
+    for the client's disconnect, in a task group of its own: 43 µs per response against 2, before the
+    first event. Serve already cancels a request whose client went away (in its proxy, and in an
+    ingress replica's own HTTP server behind HAProxy), and that cancels the generation under it."""
+
+    def __init__(self, body: AsyncIterator[bytes], keep_alive_s: float, headers: dict[str, str]):
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.keep_alive_s = keep_alive_s
+        self._sent_at = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self.stream_response(send)
         except OSError:  # what Starlette does from spec 2.4 on
             raise ClientDisconnect() from None
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        self._sent_at = time.monotonic()
+        keep_alive = asyncio.create_task(self._keep_alive(send))
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self._sent_at = time.monotonic()
+        finally:
+            keep_alive.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _keep_alive(self, send: Send) -> None:
+        while True:
+            await asyncio.sleep(self._sent_at + self.keep_alive_s - time.monotonic())
+            if time.monotonic() - self._sent_at >= self.keep_alive_s:
+                self._sent_at = time.monotonic()
+                await send({"type": "http.response.body", "body": b":\n\n", "more_body": True})
 
 
 class Operations(Protocol):
@@ -124,7 +155,8 @@ class BodyLimit:
 
 
 class ApiKey:
-    """`Authorization: Bearer <key>` on every route but the open ones; compared in constant time."""
+    """`Authorization: Bearer <key>` on every route but the open ones (a path, or "METHOD /path");
+    the scheme's case does not matter, the key is compared in constant time."""
 
     def __init__(self, app: ASGIApp, key: str, open_paths: set[str]):
         self.app, self.expected, self.open_paths = app, f"Bearer {key}".encode(), open_paths
@@ -135,13 +167,34 @@ class ApiKey:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):  # behind a route prefix, the app's own paths follow it
             path = path[len(root):] or "/"
-        if path in self.open_paths or scope["method"] == "OPTIONS":
+        method = scope["method"]
+        if path in self.open_paths or f"{method} {path}" in self.open_paths or method == "OPTIONS":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
+        if given[:7].lower() == b"bearer ":
+            given = b"Bearer " + given[7:]
         if not hmac.compare_digest(given, self.expected):
             response = error_response(401, "unauthorized", "Unauthorized: a valid `Authorization: Bearer <API_KEY>` header is required")
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class HeadAsGet:
+    """HEAD on a GET route answers as GET would, without the body (as TGI's router does)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> FastAPI:
@@ -158,13 +211,19 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
     async def _http_error(request: Request, e: HTTPError):
         return error_response(e.status, e.error_type, e.message)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(request: Request, e: StarletteHTTPException):  # 404 and 405
+        response = error_response(e.status_code, str(e.detail).lower().replace(" ", "_"), str(e.detail))
+        response.headers.update(e.headers or {})
+        return response
+
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, e: ServeError):
         return error_response(STATUS_BY_ERROR_TYPE.get(e.error_type, 500), e.error_type, error_message(e))
 
     def sse(body, characters: int) -> EventStream:
         headers = {**SSE_HEADERS, "x-compute-type": service.compute_type, "x-compute-characters": str(characters)}
-        return EventStream(body, media_type="text/event-stream", headers=headers)
+        return EventStream(body, config.sse_keep_alive_s, headers)
 
     compat_full_text = True  # TGI: true for a text-generation model or an unknown pipeline tag
 
@@ -214,10 +273,10 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
         return await _completions(await read_body(request, S.CompletionRequest))
 
     async def _completions(body: S.CompletionRequest):
+        prompts = service.completion_prompts(body)
         if body.stream:
-            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            return sse(service.completions_stream(body), sum(len(p) for p in prompts))
-        result, headers = await service.completions(body)
+            return sse(service.completions_stream(body, prompts), sum(len(p) for p in prompts))
+        result, headers = await service.completions(body, prompts)
         return JSONResponse(result, headers=headers)
 
     @app.get("/v1/models", tags=["Text Generation Inference"], summary="The served model", response_model=S.ModelList)
@@ -290,6 +349,7 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
         allow_methods=["GET", "POST"],
         allow_headers=["content-type", "authorization"],
     )
+    app.add_middleware(HeadAsGet)
     return app
 
 

@@ -115,7 +115,6 @@ class BatcherMetrics:
                        self.next_size, self.inference_duration, self.forward_duration, self.decode_duration,
                        self.concat_duration, self.time_to_first_token, self.inter_token_latency):
             metric.set_default_tags({"cores": cores})
-        self.max_total_tokens.set(limits.max_batch_size * limits.max_total_tokens)
         self.current_size.set(0)
         self.queue_size.set(0)
 
@@ -130,6 +129,8 @@ class BatcherMetrics:
         if step.kind == "prefill" and step.active > step.inserted:
             self.concat.inc(tags={"reason": self.insertion})
             self.concat_duration.observe(step.total_s, tags=tags)
+        # Set with every step, as the other gauges are: set once at start, it never reached Ray's export.
+        self.max_total_tokens.set(self.limits.max_batch_size * self.limits.max_total_tokens)
         self.current_size.set(step.active)
         self.current_max_tokens.set(step.active * self.limits.max_total_tokens)
         self.queue_size.set(step.waiting)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
@@ -181,11 +181,31 @@ class ImageChunk(Request):
     image_url: ImageUrl
 
 
+class FunctionCall(Request):
+    description: str | None = None
+    name: str
+    arguments: Any = Field(validation_alias=AliasChoices("arguments", "parameters"))
+
+
+class ToolCall(Request):
+    id: str
+    type: str
+    function: FunctionCall
+
+
 class Message(Request):
+    """TGI's message: a role with either `content` (text or chunks) or `tool_calls`."""
+
     role: str
     content: str | list[TextChunk | ImageChunk] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _has_a_body(self) -> Message:
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("data did not match any variant of untagged enum MessageBody")
+        return self
 
 
 class StreamOptions(Request):

@@ -59,7 +59,13 @@ FAILURE_LABEL = {
     "incomplete_generation": "incomplete",
     "incomplete_generation_stream": "incomplete",
     "template_error": "template",
+    "suffix not supported": "validation",
+    "batch size exceeded": "validation",
 }
+
+
+def _failure_label(error: ServeError) -> str:
+    return FAILURE_LABEL.get(error.error_type, error.error_type.replace(" ", "_"))
 
 
 def error_message(error: ServeError) -> str:
@@ -141,7 +147,7 @@ class TextGeneration:
         try:
             yield
         except ServeError as e:
-            self.metrics.failed(FAILURE_LABEL.get(e.error_type, e.error_type.replace(" ", "_")))
+            self.metrics.failed(_failure_label(e))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.failed("dropped")
@@ -149,6 +155,12 @@ class TextGeneration:
         except Exception:
             self.metrics.failed("internal")
             raise
+
+    def _refused(self, error: ServeError) -> ServeError:
+        """`error`, counted as one request that failed before it started."""
+        self.metrics.received()
+        self.metrics.failed(_failure_label(error))
+        return error
 
     def _validate(self, inputs: str, params: GenerateParameters, **kwargs) -> ValidRequest:
         started = time.monotonic()
@@ -250,7 +262,11 @@ class TextGeneration:
         return R.OpenAIContext(name, self.system_fingerprint, logprobs, include_usage)
 
     def chat_prompt(self, chat: ChatRequest) -> str:
-        if chat.tools:
+        """The prompt TGI would build: tools are refused (they need a grammar), unless `tool_choice` is
+        "none", which TGI serves as a plain chat."""
+        if chat.tools is not None and chat.response_format is not None:
+            raise ToolError("Tool error: Grammar and tools are mutually exclusive")
+        if chat.tools and chat.tool_choice != "none":
             raise ToolError("Tool error: tool calls need grammar support, which this server does not have")
         return self.validator.render_chat(chat)
 
@@ -259,6 +275,8 @@ class TextGeneration:
         return GenerateParameters(
             **_openai_sampling(chat.temperature),
             top_p=chat.top_p,
+            # TGI's mapping: presence_penalty in [-2, 2] becomes a repetition penalty in [0, 4].
+            repetition_penalty=None if chat.presence_penalty is None else chat.presence_penalty + 2.0,
             frequency_penalty=chat.frequency_penalty,
             max_new_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens,
             stop=chat.stop or [],
@@ -304,16 +322,18 @@ class TextGeneration:
             yield R.openai_stream_error(error_message(e))
         yield R.DONE
 
-    def _completion_prompts(self, body: CompletionRequest) -> list[str]:
-        if body.suffix is not None:
-            raise SuffixError("Suffix is not supported and can be achieved by preprocessing the prompt.")
+    def completion_prompts(self, body: CompletionRequest) -> list[str]:
+        """The prompts of a completions request, refused as TGI's handler refuses them (before any
+        stream starts, so a refusal is a real HTTP error): a suffix, or more than max_client_batch_size.
+        A refusal counts as one failed request."""
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.suffix is not None:
+            raise self._refused(SuffixError("Suffix is not supported and can be achieved by preprocessing the prompt."))
         if not prompts:
-            raise ValidationError("Empty array detected. Do not use an empty array for the prompt.")
+            raise self._refused(ValidationError("Empty array detected. Do not use an empty array for the prompt."))
         if len(prompts) > self.config.max_client_batch_size:
-            raise BatchSizeError(
-                f"Number of prompts exceeds the maximum allowed batch size of {self.config.max_client_batch_size}"
-            )
+            raise self._refused(BatchSizeError(
+                f"Number of prompts exceeds the maximum allowed batch size of {self.config.max_client_batch_size}"))
         return prompts
 
     @staticmethod
@@ -329,34 +349,27 @@ class TextGeneration:
             details=True,
         )
 
-    async def completions(self, body: CompletionRequest) -> tuple[dict, dict[str, str]]:
-        prompts = self._completion_prompts(body)
+    async def completions(self, body: CompletionRequest, prompts: list[str]) -> tuple[dict, dict[str, str]]:
+        """Every prompt as a request of its own; the x-* headers are the sums of theirs, as in TGI."""
         params = self.completion_parameters(body)
-        timings = Timings(time.monotonic(), characters=sum(len(p) for p in prompts))
 
         async def one(index: int, prompt: str):
-            started = time.monotonic()
+            timings = Timings(time.monotonic(), characters=len(prompt))
             with self._accounted(), self.permits.take():
                 valid = self._validate(prompt, params)
+                timings.validated = time.monotonic()
                 generated = await R.gather(self.source.stream(valid.request))
-                self._succeeded(started, generated)
-                return index, valid, generated
+                self._succeeded(timings.start, generated)
+            self._finish_timings(timings, valid, generated)
+            return (index, valid, generated), timings.headers(self.compute_type)
 
-        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        timings.validated = time.monotonic()
-        for _, valid, g in results:
-            timings.queue += g.finish.queue_time
-            timings.inference += g.finish.inference_time
-            timings.generated_tokens += g.finish.generated_tokens
-            timings.input_length += valid.input_length
-        headers = timings.headers(self.compute_type)
-        headers.pop("x-compute-time")
-        return R.completion(self._openai_context(body.model), results), headers
+        done = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        headers = _summed_headers([h for _, h in done])
+        return R.completion(self._openai_context(None), [r for r, _ in done]), headers
 
-    async def completions_stream(self, body: CompletionRequest) -> AsyncIterator[bytes]:
-        """Chunks of every prompt, interleaved as they come; then `data: [DONE]`."""
-        ctx = self._openai_context(body.model)
-        prompts = self._completion_prompts(body)
+    async def completions_stream(self, body: CompletionRequest, prompts: list[str]) -> AsyncIterator[bytes]:
+        """Chunks of every prompt (`completion_prompts(body)`), interleaved as they come; then `data: [DONE]`."""
+        ctx = self._openai_context(None)
         params = self.completion_parameters(body)
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -392,6 +405,16 @@ def _openai_sampling(temperature: float | None) -> dict:
     """OpenAI routes sample unless `temperature` is 0, which means greedy (as in TGI)."""
     greedy = temperature is not None and temperature == 0.0
     return {"do_sample": not greedy, "temperature": None if greedy else temperature}
+
+
+def _summed_headers(each: list[dict[str, str]]) -> dict[str, str]:
+    """One response's x-* headers for several generations, as TGI's completions handler adds them up:
+    integer headers summed, the compute type kept; x-compute-time (seconds, not an integer) left out."""
+    summed = {"x-compute-type": each[0]["x-compute-type"]}
+    for name in each[0]:
+        if name not in summed and name != "x-compute-time":
+            summed[name] = str(sum(int(h[name]) for h in each))
+    return summed
 
 
 def _char_to_byte_offsets(text: str) -> list[int]:

@@ -7,6 +7,7 @@ once and its ids travel on. Each check raises `ValidationError` with the message
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -158,23 +159,35 @@ class Validator:
     # -- chat ---------------------------------------------------------------------------------------
 
     def render_chat(self, chat: ChatRequest) -> str:
-        """The chat template applied to the messages, ready to generate the assistant's reply."""
+        """The chat template applied to the messages, as TGI applies it: always with the generation
+        prompt; when the last message is the assistant's, the text is cut after its content (trailing
+        whitespace trimmed), for the model to continue it."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise TemplateError("Template error: template not found")
         messages = [{"role": m.role, "content": _message_text(m)} for m in chat.messages]
-        continue_last = bool(messages) and messages[-1]["role"] == "assistant"
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=not continue_last, continue_final_message=continue_last
-            )
+            # A batch of one conversation: transformers reads a bare list's first message to tell.
+            text = self.tokenizer.apply_chat_template([messages], tokenize=False, add_generation_prompt=True)[0]
         except Exception as e:
             raise TemplateError(f"Template error: {e}") from None
+        if messages and messages[-1]["role"] == "assistant":
+            end = text.rfind(messages[-1]["content"])
+            if end >= 0:
+                text = text[: end + len(messages[-1]["content"])].rstrip()
         return text
 
 
 def _message_text(message: Message) -> str:
-    if message.content is None:
-        return ""
+    """What TGI renders of a message: its text, image chunks as markdown, tool calls as their JSON."""
+    if message.content is None:  # then it has tool calls; their arguments as a JSON string, as TGI writes them
+        calls = [{"id": c.id, "type": c.type, "function": {"description": c.function.description, "name": c.function.name,
+                                                           "arguments": _json(c.function.arguments)}}
+                 for c in message.tool_calls]
+        return _json(calls)
     if isinstance(message.content, str):
         return message.content
     return "".join(c.text if c.type == "text" else f"![]({c.image_url.url})" for c in message.content)
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -95,7 +95,10 @@ class Config(BaseModel):
     payload_limit: int = Field(2_000_000, gt=0)
     api_key: SecretStr | None = None
     cors_allow_origin: list[str] = Field(default_factory=list)
-    api_key_open_paths: list[str] = Field(["/health", "/ping"], description="routes open without the API key")
+    api_key_open_paths: list[str] = Field(
+        ["/health", "/ping", "GET /", "/info", "/metrics", "/v1/models", "/chat_tokenize", "/docs", "/api-doc/openapi.json"],
+        description="routes open without the API key, as a path or as 'METHOD /path' (default: those TGI leaves open)")
+    sse_keep_alive_s: float = Field(15.0, gt=0, description="an SSE comment after this long without an event in a stream (TGI: 15)")
     log_prompts: bool = Field(False, description="debug: log each request's prompt text (never logged otherwise)")
     fault_injection: bool = Field(False, description="tests only: let `NeuronBatcher.inject_fault` make forwards fail")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -27,7 +28,7 @@ def fleet(cluster):
 
 @pytest.fixture(scope="module")
 def narrow(cluster):
-    url = cluster.deploy("narrow", {**SIMULATED, "num_replicas": 1, "max_concurrent_requests": 8})
+    url = cluster.deploy("narrow", {**SIMULATED, "num_replicas": 1, "max_concurrent_requests": 8, "sse_keep_alive_s": 0.3})
     yield url
     cluster.delete("narrow")
 
@@ -91,6 +92,28 @@ def test_a_client_gone_before_its_first_token_leaves_the_queue_at_once(narrow):
 
     assert run(scenario()) == 4  # it left before any row came free
     wait_until(lambda: all_rows_free(narrow), 30, what="every row free")
+
+
+def test_a_stream_waiting_for_a_row_gets_keep_alive_comments(narrow):
+    """As TGI's streams do: an SSE comment after each `sse_keep_alive_s` (0.3 s here) without an event,
+    so that a proxy does not close a stream queued behind a full batch. Streams that flow get none."""
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            running = await streaming(client, narrow, 4, 100)  # every row busy for ~1.2 s
+            lines = []
+            async with client.stream("POST", f"{narrow}/generate_stream", json=body(3)) as response:
+                async for line in response.aiter_lines():
+                    lines.append(line)
+            return lines, await asyncio.gather(*running)
+
+    lines, others = run(scenario())
+    events = [line for line in lines if line.startswith("data:")]
+    first_event = lines.index(events[0])
+    assert lines[:first_event].count(":") >= 2, lines[:first_event]
+    assert ":" not in lines[first_event:]  # its three tokens came 12 ms apart
+    assert len(events) == 3 and json.loads(events[-1][5:])["generated_text"]
+    assert all(r.complete and len(r.tokens) == 100 for r in others)
 
 
 def test_twice_the_concurrency_limit_is_refused_at_once_and_the_rest_complete(narrow):

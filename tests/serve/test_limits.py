@@ -23,16 +23,21 @@ def guarded(cluster):
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-def test_api_key_protects_all_but_health(guarded):
+def test_api_key_guards_the_routes_tgi_guards(guarded):
+    """TGI guards generation, /tokenize and /invocations, and leaves health, info, metrics, the model
+    list, /chat_tokenize and the docs open (so a Prometheus scrape needs no key)."""
     body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
     assert httpx.post(f"{guarded}/generate", json=body, timeout=30).status_code == 401
     wrong = httpx.post(f"{guarded}/generate", json=body, headers={"authorization": "Bearer nope"}, timeout=30)
     assert wrong.status_code == 401 and wrong.json()["error_type"] == "unauthorized"
     assert httpx.post(f"{guarded}/generate", json=body, headers=AUTH, timeout=30).status_code == 200
-    for path in ("/info", "/metrics", "/v1/models", "/api-doc/openapi.json"):
-        assert httpx.get(f"{guarded}{path}", timeout=30).status_code == 401, path
-    for path in ("/health", "/ping"):
+    assert httpx.post(f"{guarded}/generate", json=body, headers={"authorization": f"bearer {KEY}"}, timeout=30).status_code == 200
+    for path in ("/", "/generate_stream", "/tokenize", "/invocations", "/v1/completions", "/v1/chat/completions"):
+        assert httpx.post(f"{guarded}{path}", json=body, timeout=30).status_code == 401, path
+    for path in ("/", "/health", "/ping", "/info", "/metrics", "/v1/models", "/docs", "/api-doc/openapi.json"):
         assert httpx.get(f"{guarded}{path}", timeout=30).status_code == 200, path
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    assert httpx.post(f"{guarded}/chat_tokenize", json=chat, timeout=30).status_code == 200
 
 
 def test_body_over_the_payload_limit_is_413(guarded):

@@ -63,7 +63,8 @@ def test_metrics_expose_tgi_names_aggregated_over_replicas(app, cluster):
     wanted = ["tgi_request_count ", "tgi_request_success ", 'tgi_request_failure{err="validation"}',
               'tgi_batch_inference_count{method="decode"}', 'tgi_batch_inference_count{method="prefill"}',
               "tgi_request_duration_bucket{le=", "tgi_batch_current_size ", "tgi_queue_size ",
-              'tgi_batch_forward_duration_count{method="decode"}', "tgi_request_input_length_sum "]
+              'tgi_batch_forward_duration_count{method="decode"}', "tgi_request_input_length_sum ",
+              "tgi_batch_max_total_tokens 2048", "tgi_batch_current_max_tokens "]  # 2 replicas x batch 4 x 256
     deadline = time.monotonic() + 60
     while True:
         response = httpx.get(f"{app}/metrics", timeout=30)
@@ -95,6 +96,34 @@ def test_tokenize_gives_byte_offsets(app, tokenizer):
     assert chat["templated_text"] == "<|begin_of_text|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert [t["id"] for t in chat["tokenize_response"]] == tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+
+
+def test_chat_template_applied_as_tgi_applies_it(app):
+    def templated(messages):
+        r = httpx.post(f"{app}/chat_tokenize", json={"messages": messages}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["templated_text"]
+
+    assert templated([]) == "<|begin_of_text|><|im_start|>assistant\n"
+    # A final assistant message is continued: cut after its content, trailing whitespace trimmed.
+    hi = {"role": "user", "content": "Hi"}
+    assert templated([hi, {"role": "assistant", "content": "Sure  "}]).endswith("<|im_start|>assistant\nSure")
+    call = {"id": "0", "type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    text = templated([hi, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "content": "21C"}])
+    assert ('<|im_start|>assistant\n[{"id":"0","type":"function","function":{"description":null,"name":"weather",'
+            '"arguments":"{\\"city\\":\\"Paris\\"}"}}]<|im_end|>') in text
+
+
+def test_unknown_routes_and_methods_answer_in_tgi_error_shape_and_head_works(app):
+    r = httpx.get(f"{app}/no-such-route", timeout=30)
+    assert (r.status_code, r.json()) == (404, {"error": "Not Found", "error_type": "not_found"})
+    r = httpx.get(f"{app}/generate", timeout=30)
+    assert (r.status_code, r.json()) == (405, {"error": "Method Not Allowed", "error_type": "method_not_allowed"})
+    assert r.headers["allow"] == "POST"
+    for path in ("/health", "/info", "/metrics", "/v1/models"):
+        head, get = httpx.head(f"{app}{path}", timeout=30), httpx.get(f"{app}{path}", timeout=30)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers.get("content-type") == get.headers.get("content-type"), path
 
 
 def test_docs_and_openapi(app):

@@ -87,15 +87,48 @@ def test_openai_stream_errors_are_openai_events_then_done(app):
     assert plain.status_code == 422 and plain.json()["error_type"] == "validation"
 
 
-def test_completions_handler_rules(app):
-    r = httpx.post(f"{app}/v1/completions", json={"prompt": P, "suffix": "x"}, timeout=60)
-    assert (r.status_code, r.json()) == (422, {"error": "Suffix is not supported and can be achieved by preprocessing the prompt.",
-                                               "error_type": "suffix not supported"})
-    r = httpx.post(f"{app}/v1/completions", json={"prompt": [P] * 5}, timeout=60)
-    assert (r.status_code, r.json()) == (422, {"error": "Number of prompts exceeds the maximum allowed batch size of 4",
-                                               "error_type": "batch size exceeded"})
-    r = httpx.post(f"{app}/v1/completions", json={"prompt": [P, "Hello"], "max_tokens": 3, "temperature": 0}, timeout=60)
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_handler_rules(app, stream):
+    """TGI's handler refuses these before any stream starts: a plain 422 either way."""
+    refusals = [
+        ({"prompt": P, "suffix": "x"}, {"error": "Suffix is not supported and can be achieved by preprocessing the prompt.",
+                                        "error_type": "suffix not supported"}),
+        ({"prompt": [P] * 5}, {"error": "Number of prompts exceeds the maximum allowed batch size of 4",
+                               "error_type": "batch size exceeded"}),
+        ({"prompt": []}, {"error": "Input validation error: Empty array detected. Do not use an empty array for the prompt.",
+                          "error_type": "validation"}),
+    ]
+    for body, error in refusals:
+        r = httpx.post(f"{app}/v1/completions", json={**body, "stream": stream}, timeout=60)
+        assert (r.status_code, r.json()) == (422, error)
+
+
+def test_completions_of_two_prompts_add_up_their_headers_and_name_the_served_model(app):
+    r = httpx.post(f"{app}/v1/completions", timeout=60,
+                   json={"prompt": [P, "Hello"], "max_tokens": 3, "temperature": 0, "model": "some-name"})
     assert r.status_code == 200 and sorted(c["index"] for c in r.json()["choices"]) == [0, 1]
+    assert r.json()["model"] == "neuron-serve/tiny-llama"  # TGI names its model here, whatever the request says
+    assert r.headers["x-generated-tokens"] == "6" and r.headers["x-prompt-tokens"] == "9"  # 6 + 3, with BOS
+    assert int(r.headers["x-total-time"]) >= int(r.headers["x-inference-time"])
+
+
+def test_chat_rules(app):
+    hi = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+    def chat(**body):
+        return httpx.post(f"{app}/v1/chat/completions", json={"messages": hi, "max_tokens": 2, **body}, timeout=60)
+
+    # presence_penalty is TGI's repetition_penalty less 2: -2 is a penalty of 0
+    r = chat(presence_penalty=-2.0)
+    assert (r.status_code, r.json()["error"]) == (422, "Input validation error: `repetition_penalty` must be strictly positive")
+    r = chat(messages=[{"role": "user"}])
+    assert r.status_code == 422 and r.json()["error"] == ("Failed to deserialize the JSON body into the target type: "
+                                                          "messages.0: Value error, data did not match any variant of untagged enum MessageBody")
+    assert chat(tools=tools).json()["error_type"] == "tool_error"
+    assert chat(tools=tools, tool_choice="none").status_code == 200  # served as a plain chat, as TGI does
+    r = chat(tools=tools, response_format={"type": "json", "value": {"type": "object"}})
+    assert (r.status_code, r.json()) == (422, {"error": "Tool error: Grammar and tools are mutually exclusive", "error_type": "tool_error"})
 
 
 @pytest.mark.parametrize("body, content_type, status, error_type, message", [
