@@ -20,7 +20,7 @@ from typing import AbstractSet, Literal
 from .backends import Backend
 from .batch import Slot, StaticBatch
 from .config import Limits
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, generated_text
 from .errors import ConfigError
 from .request import ErrorEvent, Event, Finish, GenerationRequest, Token, TokenEvent
 from .sampler import Choice, RequestSampler, choose
@@ -204,17 +204,22 @@ class Engine:
         token_id = choice.token_id
         slot.token_ids.append(token_id)
         slot.generated += 1
-        # End-of-sequence ids add no text, even where the tokenizer does not call them special.
-        text = "" if token_id in self.eos_ids else slot.detokenizer.add(token_id)
+        # Stop sequences see a special token's own text, as in TGI (`stop: ["<|eot_id|>"]`); its event's
+        # text is "", so that the events' texts add up to `generated_text`.
+        text = slot.detokenizer.add(token_id)
         reason = slot.stop.check(token_id, slot.generated, text)
+        special = token_id in self.special_ids
+        if special:
+            text = ""
         finish = None
         if reason is not None:
             text += slot.detokenizer.flush()
             now = time.monotonic()
+            # End-of-sequence ids add nothing to it, even where the tokenizer does not call them special.
             generated_ids = [i for i in slot.token_ids[len(slot.request.input_ids) :] if i not in self.eos_ids]
             finish = Finish(
                 reason=reason,
-                generated_text=self.tokenizer.decode(generated_ids, skip_special_tokens=True),
+                generated_text=generated_text(self.tokenizer, slot.request.input_ids, generated_ids),
                 generated_tokens=slot.generated,
                 seed=slot.sampler.seed,
                 queue_time=slot.admitted_at - slot.submitted_at,
@@ -224,7 +229,7 @@ class Engine:
         return TokenEvent(
             request_id=slot.id,
             index=slot.generated,
-            token=Token(token_id, text, choice.logprob, token_id in self.special_ids),
+            token=Token(token_id, text, choice.logprob, special),
             top_tokens=[self._token(i, lp) for i, lp in zip(choice.top_ids, choice.top_logprobs)],
             prompt_tokens=prompt_tokens,
             finish=finish,

@@ -9,6 +9,7 @@ Log-probabilities are those of the distribution the token was drawn from (after 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -103,12 +104,7 @@ def choose(logits: torch.Tensor, samplers: Sequence[RequestSampler], histories: 
     choices = []
     for i, sampler in enumerate(samplers):
         n = sampler.params.top_n_tokens
-        choices.append(
-            Choice(
-                token_id=ids[i],
-                logprob=lps[i],
-                top_ids=top_indices[i][:n] if n else [],
-                top_logprobs=top_values[i][:n] if n else [],
-            )
-        )
+        # Tokens a warper ruled out (probability 0) are not among the top ones, as in TGI: fewer than n.
+        top = [(t, v) for t, v in zip(top_indices[i][:n], top_values[i][:n]) if v != -math.inf] if n else []
+        choices.append(Choice(ids[i], lps[i], [t for t, _ in top], [v for _, v in top]))
     return choices

@@ -77,6 +77,13 @@ def test_warpers_restrict_the_choice():
         assert choose(logits, [nucleus], [[0]])[0].token_id == 0
 
 
+def test_top_tokens_leave_out_what_a_warper_ruled_out():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    top2 = RequestSampler(SamplingParams(do_sample=True, top_k=2, top_n_tokens=4, seed=0))
+    choice = choose(logits, [top2], [[0]])[0]
+    assert choice.top_ids == [0, 1] and all(math.isfinite(v) for v in choice.top_logprobs)
+
+
 def test_frequency_penalty_lowers_repeated_tokens():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     plain = choose(logits, [RequestSampler(SamplingParams())], [[0, 0, 0, 1]])[0]

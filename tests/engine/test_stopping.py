@@ -35,6 +35,19 @@ def test_stop_sequence_split_across_tokens_or_inside_one():
     assert c.check(1, 1, "ab") is None and c.check(1, 2, "") is None and c.check(1, 3, "c") == FinishReason.STOP_SEQUENCE
 
 
+def test_a_stop_sequence_can_name_a_special_token(engine, tokenizer, reference):
+    """As in TGI, whose stop sequences see special tokens' text: `stop: ["<|eot_id|>"]` ends a turn
+    whose end is not among the model's EOS ids. The token's event still has no text."""
+    prompt = tokenizer("What is Deep Learning?").input_ids
+    full = reference(prompt, 20)
+    k = next(i for i, t in enumerate(full) if t in tokenizer.all_special_ids)  # the tiny model emits one
+    stop = tokenizer.convert_ids_to_tokens(full[k])
+    events = run(engine, {0: [request("s", prompt, 20, stop=[stop])]})["s"]
+    assert token_ids(events) == full[: k + 1] and events[-1].finish.reason == FinishReason.STOP_SEQUENCE
+    assert events[-1].token.special and events[-1].token.text == ""
+    assert events[-1].finish.generated_text == "".join(e.token.text for e in events)
+
+
 def test_total_length_caps_max_new_tokens():
     c = condition(max_new=50, input_length=8, max_total=10)
     assert c.check(1, 1, "") is None and c.check(1, 2, "") == FinishReason.LENGTH
@@ -86,3 +99,4 @@ def test_eos_ids_come_from_the_generation_config(tiny_model_dir, tmp_path, refer
     assert token_ids(events) == expected[: first + 1]
     assert events[-1].finish.reason == FinishReason.EOS_TOKEN and events[-1].token.special
     assert events[-1].token.text == ""
+    assert events[-1].finish.generated_text == tokenizer.decode(expected[:first], skip_special_tokens=True)

@@ -133,18 +133,33 @@ def test_details_top_tokens_prefill_and_seeded_sampling(app, tokenizer, hf_model
     second = httpx.post(f"{app}/generate", json=sampled, timeout=60).json()
     assert first == second and first["details"]["seed"] == 7
 
+    # More top tokens than top_k leaves: only the two it leaves, in the answer and in the stream.
+    narrow = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "top_k": 2, "top_n_tokens": 4, "details": True}}
+    response = httpx.post(f"{app}/generate", json=narrow, timeout=60)
+    assert response.status_code == 200 and all(len(top) == 2 for top in response.json()["details"]["top_tokens"])
+    events = sse_events(httpx.post(f"{app}/generate_stream", json=narrow, timeout=60).text)
+    assert len(events) == 4 and all(len(e["top_tokens"]) == 2 for e in events)
+
     best_of = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "best_of": 2, "do_sample": True, "details": True}}
     result = httpx.post(f"{app}/generate", json=best_of, timeout=60).json()
     assert len(result["details"]["best_of_sequences"]) == 1
 
 
-def test_stop_sequence_through_http(app, expected):
+def test_stop_sequence_through_http(app, expected, tokenizer):
     _, text = expected
     stop = text.split()[2]
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": N, "stop": [stop], "details": True}}
     result = httpx.post(f"{app}/generate", json=body, timeout=60).json()
     assert result["details"]["finish_reason"] == "stop_sequence" and stop in result["generated_text"]
     assert text.startswith(result["generated_text"])
+    # A stop sequence may name a special token (TGI's stop sequences see their text): the greedy
+    # continuation has one, and the request ends there, the token itself with no text.
+    ids, _ = expected
+    k = next(i for i, t in enumerate(ids) if t in tokenizer.all_special_ids)
+    body["parameters"]["stop"] = [tokenizer.convert_ids_to_tokens(ids[k])]
+    result = httpx.post(f"{app}/generate", json=body, timeout=60).json()
+    assert result["details"]["finish_reason"] == "stop_sequence" and result["details"]["generated_tokens"] == k + 1
+    assert result["details"]["tokens"][-1]["special"] and result["details"]["tokens"][-1]["text"] == ""
 
 
 def test_a_stream_interval_still_gives_one_event_per_token_in_order(cluster, expected):
