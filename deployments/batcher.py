@@ -29,6 +29,7 @@ from .metrics import BatcherMetrics
 logger = logging.getLogger("ray.serve")
 
 RECENT_TOKEN_S = 10.0  # a replica that produced a token this recently is healthy without a probe
+GAUGES_EVERY_S = 5.0  # an idle replica's batch gauges are set this often (Ray exports every 10 s)
 
 
 class NeuronBatcher:
@@ -52,6 +53,7 @@ class NeuronBatcher:
         self.outbox = Outbox()
         self.last_token_at = 0.0
         self.served = 0  # requests this replica has taken
+        self._gauges = asyncio.create_task(self._keep_gauges())
         logger.info("NeuronBatcher %s ready in %.1fs: %s, %d rows", self.replica, time.monotonic() - started,
                     engine.backend.description, engine.limits.max_batch_size)
 
@@ -59,6 +61,12 @@ class NeuronBatcher:
         self.metrics.record(stats)
         if not stats.failed:
             self.last_token_at = time.monotonic()
+
+    async def _keep_gauges(self) -> None:
+        engine = self.engine.engine
+        while True:
+            self.metrics.gauges(len(engine.batch.active()), len(engine.waiting))
+            await asyncio.sleep(GAUGES_EVERY_S)
 
     async def generate(self, request: GenerationRequest, reply_to: Address) -> None:
         """Runs `request`, sending its events to the ingress at `reply_to`; returns once the last is written."""
@@ -144,5 +152,7 @@ class NeuronBatcher:
             raise RuntimeError(f"NeuronBatcher {self.replica} is unhealthy: the engine's backend keeps failing")
 
     async def __del__(self) -> None:
+        if hasattr(self, "_gauges"):
+            self._gauges.cancel()
         if hasattr(self, "engine"):
             self.engine.stop()

@@ -115,8 +115,14 @@ class BatcherMetrics:
                        self.next_size, self.inference_duration, self.forward_duration, self.decode_duration,
                        self.concat_duration, self.time_to_first_token, self.inter_token_latency):
             metric.set_default_tags({"cores": cores})
-        self.current_size.set(0)
-        self.queue_size.set(0)
+
+    def gauges(self, active: int, waiting: int) -> None:
+        """The batch's state. Ray exports a gauge only if it was set since its last export (every 10 s),
+        so the batcher sets them after each step and, while idle, every few seconds."""
+        self.max_total_tokens.set(self.limits.max_batch_size * self.limits.max_total_tokens)
+        self.current_size.set(active)
+        self.current_max_tokens.set(active * self.limits.max_total_tokens)
+        self.queue_size.set(waiting)
 
     def record(self, step: StepStats) -> None:
         tags = {"method": step.kind}
@@ -129,11 +135,7 @@ class BatcherMetrics:
         if step.kind == "prefill" and step.active > step.inserted:
             self.concat.inc(tags={"reason": self.insertion})
             self.concat_duration.observe(step.total_s, tags=tags)
-        # Set with every step, as the other gauges are: set once at start, it never reached Ray's export.
-        self.max_total_tokens.set(self.limits.max_batch_size * self.limits.max_total_tokens)
-        self.current_size.set(step.active)
-        self.current_max_tokens.set(step.active * self.limits.max_total_tokens)
-        self.queue_size.set(step.waiting)
+        self.gauges(step.active, step.waiting)
 
     def delivered(self, seconds: float, tokens: int, first: bool) -> None:
         """One hand-over of `tokens` token events to a request, `seconds` after it arrived (the first) or after

@@ -60,6 +60,7 @@ FAILURE_LABEL = {
     "incomplete_generation_stream": "incomplete",
     "template_error": "template",
     "suffix not supported": "validation",
+    "tool_error": "validation",
     "batch size exceeded": "validation",
 }
 

@@ -206,8 +206,10 @@ def _header(manifest: dict[str, Any]) -> str:
 # HF_TOKEN comes from the Secret `{name}-hf-token` (key `{HF_TOKEN_KEY}`); it is optional for public models.
 #
 # Nothing here is public: KubeRay's head and serve Services are ClusterIP, and there is no LoadBalancer,
-# NodePort or Ingress. The Ray dashboard (8265) and /metrics (8080) must stay inside the cluster
-# (kubectl port-forward); publish only the TGI API (serve service, port 8000), behind authentication.
+# NodePort or Ingress. The Ray dashboard (8265) and Ray's metrics port (8080) must stay inside the cluster
+# (kubectl port-forward). Before publishing the TGI API (serve service, port 8000), set `api_key`
+# (API_KEY); as in TGI it leaves /health, /info, /metrics, /v1/models, /chat_tokenize and /docs open,
+# so set `api_key_open_paths: [/health, /ping]` too if those must not be public.
 """
 
 

@@ -82,6 +82,27 @@ def test_metrics_expose_tgi_names_aggregated_over_replicas(app, cluster):
     assert 'cores="0,1"' in ray_page and 'cores="2,3"' in ray_page and "ray_tgi_batch_current_size" in ray_page
 
 
+def test_an_idle_replica_keeps_reporting_its_batch(cluster):
+    """Gauges as TGI shows them at any time: an idle batch is 0 rows busy, 0 queued, and its capacity.
+    Ray's agent drops a gauge not set again within two exports (20 s), and an idle replica steps no more."""
+    url = cluster.deploy("idle", {**SIDE_ARGS, "num_replicas": 1})  # its health probe was its last step
+    wanted = ["tgi_batch_max_total_tokens 512", "tgi_batch_current_size 0", "tgi_queue_size 0"]  # 2 rows x 256
+
+    def reported() -> bool:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return all(w in text for w in wanted)
+
+    try:
+        deadline = time.monotonic() + 60
+        while not reported():
+            assert time.monotonic() < deadline
+            time.sleep(2)
+        time.sleep(25)
+        assert reported()
+    finally:
+        cluster.delete("idle")
+
+
 def test_tokenize_gives_byte_offsets(app, tokenizer):
     text = "Hello 🚀 world"
     tokens = httpx.post(f"{app}/tokenize", json={"inputs": text}, timeout=30).json()
