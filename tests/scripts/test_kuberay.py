@@ -45,6 +45,20 @@ def test_the_committed_manifest_is_what_serve_config_yaml_renders(manifest, caps
     assert render_kuberay.main(["--check"]) == 0
 
 
+def test_the_podmonitor_scrapes_ray_metrics_on_every_pod_of_the_rayservice(manifest):
+    monitor = yaml.safe_load((ROOT / "deployments" / "kuberay" / "podmonitor.yaml").read_text())
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert monitor == render_kuberay.render_podmonitor(manifest["metadata"]["name"])
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    for group in groups(manifest):
+        template = group["template"]
+        assert selector.items() <= template["metadata"]["labels"].items()
+        [container] = template["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[endpoint["port"]] == int(group["rayStartParams"]["metrics-export-port"])
+
+
 def test_check_fails_on_a_stale_manifest(tmp_path, capsys):
     stale = tmp_path / "rayservice.yaml"
     stale.write_text(MANIFEST_PATH.read_text().replace("max_batch_size: 8", "max_batch_size: 16"))
