@@ -85,7 +85,10 @@ class EventStream(StreamingResponse):
             await asyncio.sleep(self._sent_at + self.keep_alive_s - time.monotonic())
             if time.monotonic() - self._sent_at >= self.keep_alive_s:
                 self._sent_at = time.monotonic()
-                await send({"type": "http.response.body", "body": b":\n\n", "more_body": True})
+                try:
+                    await send({"type": "http.response.body", "body": b":\n\n", "more_body": True})
+                except OSError:  # the client went away: the stream itself finds out and ends
+                    return
 
 
 class Operations(Protocol):
