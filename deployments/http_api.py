@@ -265,7 +265,7 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
 
     async def _chat(body: S.ChatRequest):
         if body.stream:
-            prompt = service.chat_prompt(body)
+            prompt = service.chat_stream_prompt(body)
             return sse(service.chat_stream(body, prompt), len(prompt))
         result, headers = await service.chat(body)
         return JSONResponse(result, headers=headers)

@@ -271,6 +271,14 @@ class TextGeneration:
             raise ToolError("Tool error: tool calls need grammar support, which this server does not have")
         return self.validator.render_chat(chat)
 
+    def chat_stream_prompt(self, chat: ChatRequest) -> str:
+        """`chat_prompt` before a chat stream starts: a refusal is the request's HTTP error, and counts
+        as one failed request (inside `chat`, the request's own accounting counts it)."""
+        try:
+            return self.chat_prompt(chat)
+        except ServeError as e:
+            raise self._refused(e) from None
+
     @staticmethod
     def chat_parameters(chat: ChatRequest) -> GenerateParameters:
         return GenerateParameters(

@@ -49,6 +49,13 @@ def test_every_request_is_counted_once(ledger):
         if kind == "invalid":
             r = await client.post(f"{ledger}/generate", json=body(0))
             return ("error", r.status_code)
+        if kind == "refused_stream":  # refused before the stream starts: a plain 422
+            tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+            chat = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "stream": True}
+            completion = {"prompt": "hi", "suffix": "!", "stream": True}
+            r = await client.post(f"{ledger}/v1/chat/completions", json=chat) if rng.random() < 0.5 else \
+                await client.post(f"{ledger}/v1/completions", json=completion)
+            return ("error", r.status_code)
         if kind == "drop":
             def walk_away(result):
                 if len(result.tokens) >= 3:
@@ -76,7 +83,7 @@ def test_every_request_is_counted_once(ledger):
                 kill_replica("ledger", busy[0]["replica"])
             return await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
-    outcomes = run(wave(["ok"] * 5 + ["invalid"] * 3)) + run(chaos())
+    outcomes = run(wave(["ok"] * 5 + ["invalid"] * 3 + ["refused_stream"] * 4)) + run(chaos())
     outcomes += run(wave(["ok"] * 6))  # after the storm
 
     sent = len(outcomes)
