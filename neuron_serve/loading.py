@@ -67,13 +67,19 @@ def open_neuron_backend(config: Config, model_dir, model_class=None) -> tuple[Ba
     shape = CompiledShape(nc.batch_size, nc.sequence_length, nc.max_context_length or nc.sequence_length, nc.tp_degree,
                           str(nc.torch_dtype).removeprefix("torch."), bool(nc.continuous_batching), bool(nc.on_device_sampling))
     check_against_settings(config, shape)
+    if shape.on_device_sampling:  # optimum-neuron's default for Llama: the device picks each token
+        logger.warning("%s samples on the device, as in neuronx-tgi: top_k (up to %d), top_p and temperature apply; "
+                       "repetition_penalty, frequency_penalty, typical_p and seed do not, and logprobs are 0",
+                       config.model_id, getattr(nc, "max_topk", 256))
     limits = resolve_limits(config, max_positions=shape.sequence_length, compiled_batch_size=shape.batch_size,
                             compiled_sequence_length=shape.sequence_length)
     if limits.max_input_tokens > shape.max_context_length:
         raise ConfigError(f"`max_input_tokens` ({limits.max_input_tokens}) must be <= the compiled model's "
                           f"max_context_length ({shape.max_context_length})")
-    vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
-    if read_neuron_config(model_dir) is None:  # exported now: the model's own config is the source's
+    model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    # A multimodal config (Llama 4) keeps it in its text config, which is what optimum-neuron compiles.
+    vocab_size = model_config.get("vocab_size") or model_config.get("text_config", {}).get("vocab_size")
+    if vocab_size is None or read_neuron_config(model_dir) is None:  # exported now: the model's own config
         vocab_size = model.config.vocab_size
     return NeuronBackend(model, vocab_size=vocab_size), limits
 

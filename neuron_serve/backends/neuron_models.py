@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -149,6 +150,19 @@ def cache_root(config: Config) -> Path:
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
 
+def runtime_visible_cores(cores: str) -> str:
+    """NEURON_RT_VISIBLE_CORES in the form optimum-neuron counts: Ray writes the cores it gave as a list
+    ("2,3"), which optimum-neuron's `get_available_cores` takes for one core, and then refuses to load
+    a model compiled for two; the Neuron runtime takes the same cores as a range ("2-3")."""
+    if "," not in cores:  # one core, or already a range
+        return cores
+    ids = sorted(int(c) for c in cores.split(",") if c.strip())
+    if ids != list(range(ids[0], ids[-1] + 1)):
+        raise ConfigError(f"NEURON_RT_VISIBLE_CORES={cores}: the cores of a replica must be contiguous "
+                          "(optimum-neuron reads the variable as one core or a range)")
+    return f"{ids[0]}-{ids[-1]}"
+
+
 def load_neuron_model(
     config: Config,
     model_dir: Path,
@@ -156,6 +170,9 @@ def load_neuron_model(
     lookup: Callable[[ExportPlan, str | None], list[dict[str, Any]]] = hub_cache_entries,
 ):
     """The loaded model: compiled as given, from our compiled cache, or exported now (and cached)."""
+    visible = os.environ.get("NEURON_RT_VISIBLE_CORES")
+    if visible:  # set by Ray for this replica's process, read by the Neuron runtime and by optimum-neuron
+        os.environ["NEURON_RT_VISIBLE_CORES"] = runtime_visible_cores(visible)
     token = config.hf_token.get_secret_value() if config.hf_token else None
     if read_neuron_config(model_dir) is not None:
         logger.info("loading compiled model %s from %s", config.model_id, model_dir)
@@ -171,7 +188,8 @@ def load_neuron_model(
     target = cache_root(config) / "compiled" / plan.model_id.replace("/", "--") / (config.revision or "main") / plan.cache_key()
     if read_neuron_config(target) is not None:
         logger.info("loading %s compiled earlier from %s", plan.model_id, target)
-        return model_class.from_pretrained(str(target))
+        # Saved without its weights when exported from the hub: loading fetches them, gated ones with the token.
+        return model_class.from_pretrained(str(target), token=token)
     logger.warning(
         "compiling %s for batch %d x %d tokens on %d cores (%s)%s; this can take a long time",
         plan.model_id, plan.batch_size, plan.sequence_length, plan.num_cores, plan.dtype,

@@ -49,10 +49,23 @@ def validate_sampling_params(params: torch.Tensor, max_topk: int) -> None:
         raise ValueError(f"Invalid temperature values found. Temperature must be strictly greater than 0.0. Found {temperature=}.")
 
 
+def available_cores() -> int:
+    """The cores this process may use, counted by optimum-neuron's own code (on an inf2.48xlarge's
+    12 devices): it reads NEURON_RT_VISIBLE_CORES as Ray and the Neuron runtime set it."""
+    from unittest import mock
+
+    from optimum.neuron.utils import system
+
+    with mock.patch.object(system, "get_neuron_devices_count", return_value=12), \
+            mock.patch.object(system, "cores_per_device", return_value=2):
+        return system.get_available_cores()
+
+
 class NeuronModelStandIn:
     """Same public surface as optimum-neuron's decoder model class, on CPU."""
 
     export_calls: list[dict] = []  # every export, for tests of the compile-once path
+    load_calls: list[dict] = []  # every from_pretrained: its directory and token
 
     def __init__(self, model_dir: str | Path, neuron_config: NxDNeuronConfig):
         from transformers import AutoConfig, LlamaForCausalLM
@@ -88,8 +101,13 @@ class NeuronModelStandIn:
     @classmethod
     def from_pretrained(cls, model_id, **kwargs):
         path = Path(model_id)
+        cls.load_calls.append({"path": path, "token": kwargs.get("token")})
         saved = json.loads((path / "neuron_config.json").read_text())
         fields = {k: saved[k] for k in SAVED_FIELDS if k in saved}
+        available = available_cores()
+        if fields["tp_degree"] > available:  # as optimum-neuron's NeuronPreTrainedModel._from_pretrained checks
+            raise ValueError(f"The specified checkpoint requires at least {fields['tp_degree']} Neuron cores "
+                             f"but only {available} are available.")
         return cls(path, NxDNeuronConfig(torch_dtype=saved.get("torch_dtype", "float32"), **fields))
 
     def save_pretrained(self, save_directory, **kwargs):

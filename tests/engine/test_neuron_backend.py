@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from neuron_serve.backends.neuron_models import ExportPlan, choose_cached_entry
+from neuron_serve.backends.neuron_models import ExportPlan, choose_cached_entry, runtime_visible_cores
 from neuron_serve.config import Config
 from neuron_serve.errors import ConfigError
 from neuron_serve.loading import build_engine, model_limits, open_neuron_backend
@@ -144,6 +145,19 @@ def test_limits_derived_from_the_compiled_model_like_neuronx_tgi(tiny_model_dir,
     assert (limits.max_batch_size, limits.max_total_tokens, limits.max_input_tokens, limits.max_batch_prefill_tokens) == (4, 128, 64, 256)
 
 
+def test_a_replica_given_two_cores_by_ray_loads_a_model_compiled_for_two(tiny_model_dir, tmp_path, monkeypatch):
+    """Ray writes a replica's cores as a list, which optimum-neuron counts as one core: the backend
+    hands the runtime the same cores as a range."""
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=2, sequence_length=128, tp_degree=2)
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "2,3")
+    open_neuron_backend(neuron_config(compiled, tmp_path), compiled, model_class=NeuronModelStandIn)
+    assert os.environ["NEURON_RT_VISIBLE_CORES"] == "2-3"
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "0,3")
+    with pytest.raises(ConfigError, match="must be contiguous"):
+        open_neuron_backend(neuron_config(compiled, tmp_path), compiled, model_class=NeuronModelStandIn)
+    assert [runtime_visible_cores(c) for c in ("5", "0-1", "4,5,6,7")] == ["5", "0-1", "4-7"]
+
+
 def test_without_the_neuron_sdk_the_backend_says_what_to_install(tiny_model_dir, tmp_path):
     compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=2, sequence_length=128)
     with pytest.raises(ConfigError, match=r"the neuron backend needs the AWS Neuron SDK.*pip install -e '\.\[neuron\]'"):
@@ -154,8 +168,9 @@ def test_without_the_neuron_sdk_the_backend_says_what_to_install(tiny_model_dir,
 
 def test_standard_model_is_compiled_once_then_loaded(tiny_model_dir, tokenizer, reference, tmp_path):
     NeuronModelStandIn.export_calls.clear()
+    NeuronModelStandIn.load_calls.clear()
     config = neuron_config(tiny_model_dir, tmp_path, export_batch_size=2, export_sequence_length=128, export_num_cores=2,
-                           dtype="float32")
+                           dtype="float32", hf_token="hf_gated")
     prompt = tokenizer(PROMPTS[0]).input_ids
     for _ in range(2):
         backend, limits = open_neuron_backend(config, tiny_model_dir, model_class=NeuronModelStandIn)
@@ -166,6 +181,8 @@ def test_standard_model_is_compiled_once_then_loaded(tiny_model_dir, tokenizer, 
     assert NeuronModelStandIn.export_calls[0]["batch_size"] == 2 and NeuronModelStandIn.export_calls[0]["tp_degree"] == 2
     saved = list((tmp_path / "cache" / "compiled").rglob("neuron_config.json"))
     assert len(saved) == 1 and saved[0].parent.name == "b2-s128-tp2-float32"
+    # Saved without weights when exported from the hub, it fetches them again: a gated model needs the token.
+    assert NeuronModelStandIn.load_calls == [{"path": saved[0].parent, "token": "hf_gated"}]
 
 
 def test_hub_cache_entry_choice_prefers_the_exact_batch_size():
