@@ -119,6 +119,11 @@ def check_against_settings(config: Config, shape: CompiledShape) -> None:
         )
 
 
+def batch_is_fixed(config: Config) -> bool:
+    """A batch size asked for is kept: MAX_BATCH_SIZE, or HF_BATCH_SIZE, which the ingress sizes itself by."""
+    return config.max_batch_size is not None or config.export_batch_size is not None
+
+
 def choose_cached_entry(entries: list[dict[str, Any]], plan: ExportPlan, batch_is_fixed: bool) -> dict[str, Any] | None:
     """A hub-cache entry to use: same sequence length, cores and dtype; the exact batch size first,
     else (when the batch size was not pinned) the smallest larger one; None means compile."""
@@ -181,7 +186,7 @@ def load_neuron_model(
     plan = export_plan(config, model_dir)
     local_source = Path(config.model_id).exists()  # the hub cache knows hub models only
     entries = [] if local_source else lookup(plan, token)
-    entry = choose_cached_entry(entries, plan, batch_is_fixed=config.max_batch_size is not None)
+    entry = choose_cached_entry(entries, plan, batch_is_fixed=batch_is_fixed(config))
     if entry is not None and entry["batch_size"] != plan.batch_size:
         logger.info("using the cached batch size %d (asked for %d) to avoid compiling", entry["batch_size"], plan.batch_size)
         plan = ExportPlan(plan.model_id, entry["batch_size"], plan.sequence_length, plan.num_cores, plan.dtype)

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from neuron_serve.backends.neuron_models import ExportPlan, choose_cached_entry, runtime_visible_cores
+from neuron_serve.backends.neuron_models import ExportPlan, batch_is_fixed, choose_cached_entry, runtime_visible_cores
 from neuron_serve.config import Config
 from neuron_serve.errors import ConfigError
 from neuron_serve.loading import build_engine, model_limits, open_neuron_backend
@@ -190,5 +190,8 @@ def test_hub_cache_entry_choice_prefers_the_exact_batch_size():
     entry = lambda b, s=4096, tp=2, dtype="bfloat16": {"batch_size": b, "sequence_length": s, "tp_degree": tp, "torch_dtype": dtype}  # noqa: E731
     assert choose_cached_entry([entry(32), entry(4), entry(8)], plan, batch_is_fixed=True) == entry(4)
     assert choose_cached_entry([entry(32), entry(8)], plan, batch_is_fixed=False) == entry(8)  # smallest larger one
-    assert choose_cached_entry([entry(32), entry(8)], plan, batch_is_fixed=True) is None  # MAX_BATCH_SIZE pinned: compile
+    assert choose_cached_entry([entry(32), entry(8)], plan, batch_is_fixed=True) is None  # pinned: compile
+    # Pinned by MAX_BATCH_SIZE, or by HF_BATCH_SIZE, which the ingress sizes itself by.
+    assert batch_is_fixed(Config(max_batch_size=4)) and batch_is_fixed(Config(export_batch_size=4))
+    assert not batch_is_fixed(Config())
     assert choose_cached_entry([entry(4, s=2048), entry(4, tp=8), entry(4, dtype="float16")], plan, False) is None
