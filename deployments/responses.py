@@ -176,10 +176,9 @@ def chat_completion(ctx: OpenAIContext, valid: ValidRequest, g: Generated) -> di
 
 
 def chat_chunk(ctx: OpenAIContext, event) -> dict[str, Any]:
-    content = "" if event.token.special else event.token.text
     choice = {
         "index": 0,
-        "delta": {"role": "assistant", "content": content},
+        "delta": {"role": "assistant", "content": event.token.text},  # "" for a special token (the engine's)
         "logprobs": chat_logprobs([event.token], [event.top_tokens]) if ctx.logprobs else None,
         "finish_reason": OPENAI_FINISH[event.finish.reason.value] if event.finish else None,
     }
@@ -204,7 +203,7 @@ def completion(ctx: OpenAIContext, results: list[tuple[int, ValidRequest, Genera
 
 def completion_chunk(ctx: OpenAIContext, index: int, valid: ValidRequest, event) -> dict[str, Any]:
     finish = event.finish
-    choice = {"index": index, "text": "" if event.token.special else event.token.text, "logprobs": None,
+    choice = {"index": index, "text": event.token.text, "logprobs": None,
               "finish_reason": finish.reason.value if finish else ""}
     head = ctx.header("text_completion")
     if finish is None:
