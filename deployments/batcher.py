@@ -25,6 +25,7 @@ from neuron_serve.request import ErrorEvent, Event, GenerationRequest, SamplingP
 
 from .channel import Address, Outbox
 from .metrics import BatcherMetrics
+from .ray_env import REQUEST_LINE, keep_request_lines_off_stderr
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,6 +35,7 @@ GAUGES_EVERY_S = 5.0  # an idle replica's batch gauges are set this often (Ray e
 
 class NeuronBatcher:
     async def __init__(self, config: Config):
+        keep_request_lines_off_stderr()
         context = serve.get_replica_context()
         self.replica = context.replica_tag
         self.cores = os.environ.get("NEURON_RT_VISIBLE_CORES") or ""
@@ -104,11 +106,11 @@ class NeuronBatcher:
         if isinstance(last, TokenEvent) and last.finish is not None:
             f = last.finish
             logger.info("request done: %s finish=%s queue_ms=%.1f inference_ms=%.1f", fields, f.reason.value,
-                        f.queue_time * 1000, f.inference_time * 1000)
+                        f.queue_time * 1000, f.inference_time * 1000, extra=REQUEST_LINE)
         elif isinstance(last, ErrorEvent):
-            logger.info("request failed: %s error=%r", fields, last.message)
+            logger.info("request failed: %s error=%r", fields, last.message, extra=REQUEST_LINE)
         else:
-            logger.info("request cancelled: %s", fields)
+            logger.info("request cancelled: %s", fields, extra=REQUEST_LINE)
 
     async def probe(self) -> bool:
         """True when this replica can produce a token: it just did, or it does one now."""

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .ray_env import SERVE_ENV
+from .ray_env import SERVE_ENV, keep_request_lines_off_stderr
 
 http = FastAPI()
 OPTIONS = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": SERVE_ENV}}}
@@ -28,6 +28,7 @@ OPTIONS = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": SERV
 @serve.deployment(**OPTIONS)
 class NoOpBatcher:
     def __init__(self, wait_s: float):
+        keep_request_lines_off_stderr()
         self.wait_s = wait_s
 
     async def generate(self, body: dict) -> int:
@@ -40,6 +41,7 @@ class NoOpBatcher:
 @serve.ingress(http)
 class NoOpIngress:
     def __init__(self, batcher: DeploymentHandle):
+        keep_request_lines_off_stderr()
         self.batcher = batcher
 
     @http.get("/health")

@@ -28,6 +28,7 @@ from neuron_serve.request import ErrorEvent, Event, GenerationRequest, is_last
 from .channel import Inbox
 from .http_api import build_http_app
 from .metrics import IngressMetrics, scrape_cluster, tgi_metrics_text
+from .ray_env import keep_request_lines_off_stderr
 from .service import TextGeneration
 
 logger = logging.getLogger("ray.serve")
@@ -150,6 +151,7 @@ class AppDeletion:
 @serve.ingress()
 class Ingress:
     def __init__(self, batcher: DeploymentHandle, config: Config):
+        keep_request_lines_off_stderr()
         self.batcher = batcher
         self.config = config
         model_dir = resolve_model_dir(config, weights=False)

@@ -32,6 +32,8 @@ Two routes carry them, because Serve starts its processes two ways:
   clusters all start Serve from that block; tests/scripts/test_ray_env.py keeps it equal to SERVE_ENV.
 """
 
+import logging
+
 SERVE_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -39,3 +41,28 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "6",
 }
+
+
+# Per-request log lines (Serve's access lines, our `request done:`) go to the replica's log file only,
+# with Serve's own flag for a record that stays off stderr. On stderr each line also travelled on to
+# `serve run`'s console (Ray's log monitor reads it, the GCS passes it on, the driver prints it): three
+# more processes at work per request, on the host that serves it. Measured on the 2-core host at one
+# stream (sequential requests, the engine alone in turns): those three spent 3.1 ms of CPU per request
+# with the lines, 1.7 without; the serving path's idle TTFT over the engine's was 6.1 ms with them,
+# 5.1 without (medians of 12 and 13 alternating runs). The lines that say what a replica is doing
+# (loading, ready, warnings, errors) still reach the console.
+REQUEST_LINE = {"log_to_stderr": False}
+
+
+def _access_lines_to_file_only(record: logging.LogRecord) -> bool:
+    if getattr(record, "serve_access_log", False):
+        record.log_to_stderr = False
+    return True
+
+
+def keep_request_lines_off_stderr() -> None:
+    """Call in a replica's constructor. A filter on the logger, not on its handlers: Serve replaces the
+    handlers when the logging config changes, and keeps the logger's filters."""
+    logger = logging.getLogger("ray.serve")
+    if _access_lines_to_file_only not in logger.filters:
+        logger.addFilter(_access_lines_to_file_only)

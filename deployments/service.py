@@ -23,6 +23,7 @@ from neuron_serve.errors import (
 from neuron_serve.request import Event, GenerationRequest, TokenEvent
 
 from . import responses as R
+from .ray_env import REQUEST_LINE
 from .schemas import ChatRequest, CompletionRequest, GenerateParameters, GenerateRequest
 from .validation import ValidRequest, Validator
 
@@ -168,7 +169,7 @@ class TextGeneration:
         valid = self.validator.validate(inputs, params, **kwargs)
         self.metrics.validated(time.monotonic() - started, valid.input_length, valid.max_new_tokens)
         if self.config.log_prompts:  # a debug setting: prompts are never logged otherwise
-            logger.info("request %s prompt=%r", valid.request.id, inputs)
+            logger.info("request %s prompt=%r", valid.request.id, inputs, extra=REQUEST_LINE)
         return valid
 
     def _succeeded(self, started: float, g: R.Generated) -> None:
