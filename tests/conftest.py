@@ -85,6 +85,13 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout}s")
 
 
+def ray_logs() -> Path:
+    """The log directory of this process's Ray session (the `cluster` fixture's): replicas' files under `serve/`."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+
 def load_script(name: str):
     """`scripts/<name>.py` as a module, registered under `name` (its dataclasses look their module up by name)."""
     import importlib.util

@@ -5,11 +5,11 @@ in tests/scripts/test_kuberay.py.)"""
 from __future__ import annotations
 
 import hmac
-from pathlib import Path
 
 import httpx
 import pytest
 
+from ..conftest import ray_logs
 from .conftest import SIMULATED
 
 KEY = "a-long-enough-api-key-0123456789"
@@ -73,8 +73,6 @@ def test_requests_are_bounded(secured):
 
 
 def test_no_prompt_text_in_any_log(cluster, secured):
-    import ray
-
     auth = {"authorization": f"Bearer {KEY}"}
     sent = [
         ("/generate", {"inputs": SECRET_PROMPT, "parameters": {"max_new_tokens": 3}}),
@@ -87,6 +85,5 @@ def test_no_prompt_text_in_any_log(cluster, secured):
     ]
     for path, payload in sent:
         assert httpx.post(f"{secured}{path}", json=payload, headers=auth, timeout=60).status_code < 500
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    leaked = [f.name for f in logs.rglob("*") if f.is_file() and SECRET_PROMPT.encode() in f.read_bytes()]
+    leaked = [f.name for f in ray_logs().rglob("*") if f.is_file() and SECRET_PROMPT.encode() in f.read_bytes()]
     assert not leaked, leaked

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from ..conftest import ray_logs
 from .conftest import SIDE_ARGS
 
 
@@ -179,46 +179,44 @@ def test_invocations_dispatches_like_sagemaker(app, body):
         assert r.json()["object"] in ("chat.completion", "text_completion")
 
 
-def test_one_structured_log_line_per_request_without_the_prompt(app):
-    import ray
+def replica_lines(request_id: str, deployment: str = "*") -> list[str]:
+    """The lines of the main app's replica log files (of `deployment`) that carry `request_id`."""
+    return [line for f in (ray_logs() / "serve").glob(f"replica_main_{deployment}_*.log")
+            for line in f.read_text().splitlines() if request_id in line]
 
+
+def test_one_structured_log_line_per_request_without_the_prompt(app):
     prompt = "A secret prompt that must not be logged"
     r = httpx.post(f"{app}/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 3}}, timeout=60)
     request_id = r.headers["x-request-id"]
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
     deadline = time.monotonic() + 20
     lines: list[str] = []
     while time.monotonic() < deadline and not lines:
-        lines = [line for f in logs.glob("replica_main_NeuronBatcher_*.log") for line in f.read_text().splitlines()
-                 if request_id in line and "request done:" in line]
+        lines = [line for line in replica_lines(request_id, "NeuronBatcher") if "request done:" in line]
         time.sleep(0.5)
     assert len(lines) == 1, lines
     assert re.search(r"replica=\w+ cores=(0,1|2,3) input_tokens=\d+ output_tokens=3 finish=length queue_ms=[\d.]+ "
                      r"inference_ms=[\d.]+", lines[0]), lines[0]
-    everything = "".join(f.read_text() for f in logs.glob("replica_main_*.log"))
+    everything = "".join(f.read_text() for f in (ray_logs() / "serve").glob("replica_main_*.log"))
     assert prompt not in everything
 
 
 def test_per_request_lines_stay_off_stderr_and_lifecycle_lines_do_not(app):
     """Serve's access lines and our `request done:` go to the replicas' log files only: on stderr each would
     travel on to `serve run`'s console (deployments/ray_env.py). A replica's start still shows there."""
-    import ray
-
     r = httpx.post(f"{app}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=60)
     request_id = r.headers["x-request-id"]
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     expected = {"request done:": r"request done:", "the ingress's access line": r"POST \S*/generate 200",
                 "the batcher's": r"CALL generate OK"}
     deadline = time.monotonic() + 20
     while True:
-        in_files = [line for f in (logs / "serve").glob("replica_main_*.log") for line in f.read_text().splitlines()
-                    if request_id in line]
+        in_files = replica_lines(request_id)
         missing = [name for name, pattern in expected.items() if not any(re.search(pattern, x) for x in in_files)]
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert not missing, in_files
-    stderr = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.err"))
+    stderr = "".join(f.read_text(errors="replace") for f in ray_logs().glob("worker-*.err"))
     leaked = [line for line in stderr.splitlines()
               if request_id in line and any(re.search(pattern, line) for pattern in expected.values())]
     assert not leaked
