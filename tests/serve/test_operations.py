@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -179,10 +180,14 @@ def test_invocations_dispatches_like_sagemaker(app, body):
         assert r.json()["object"] in ("chat.completion", "text_completion")
 
 
+def replica_logs(deployment: str = "*") -> list[Path]:
+    """The main app's replica log files (of `deployment`)."""
+    return list((ray_logs() / "serve").glob(f"replica_main_{deployment}_*.log"))
+
+
 def replica_lines(request_id: str, deployment: str = "*") -> list[str]:
-    """The lines of the main app's replica log files (of `deployment`) that carry `request_id`."""
-    return [line for f in (ray_logs() / "serve").glob(f"replica_main_{deployment}_*.log")
-            for line in f.read_text().splitlines() if request_id in line]
+    """The lines of those files that carry `request_id`."""
+    return [line for f in replica_logs(deployment) for line in f.read_text().splitlines() if request_id in line]
 
 
 def test_one_structured_log_line_per_request_without_the_prompt(app):
@@ -197,7 +202,7 @@ def test_one_structured_log_line_per_request_without_the_prompt(app):
     assert len(lines) == 1, lines
     assert re.search(r"replica=\w+ cores=(0,1|2,3) input_tokens=\d+ output_tokens=3 finish=length queue_ms=[\d.]+ "
                      r"inference_ms=[\d.]+", lines[0]), lines[0]
-    everything = "".join(f.read_text() for f in (ray_logs() / "serve").glob("replica_main_*.log"))
+    everything = "".join(f.read_text() for f in replica_logs())
     assert prompt not in everything
 
 
