@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -42,6 +43,14 @@ HOST_SHARE = 0.9  # of a node's vCPUs and memory a worker pod asks for; the rest
 METRICS_PORT = 8080  # Ray's Prometheus port on every pod (KubeRay's default too)
 POD_LABEL = "neuron-serve/rayservice"  # on every pod of the RayService, for the PodMonitor
 HF_TOKEN_KEY = "token"
+# A pod Kubernetes stops (kubectl drain, a spot reclaim, a scale-down, a RayService upgrade) gets SIGTERM
+# in `ray start --block`, which then drains its Ray node for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+# (Ray's default 30 s) before stopping its processes: Serve moves the node's replicas away, stopping
+# each gracefully (its in-flight requests get `graceful_shutdown_timeout_s`) by the drain's deadline,
+# and keeps the node's HTTP proxy until it has drained (at least PROXY_DRAIN_S). See `pod_drain_s`.
+PROXY_DRAIN_S = 30  # Serve's minimum for a draining node's proxy (RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S)
+DRAIN_MARGIN_S = 15  # Serve checks a draining proxy every 5 s; its control loop and HAProxy's stop take the rest
+TEARDOWN_S = 15  # after the drain, `ray start` stops the node's processes before Kubernetes' SIGKILL
 
 
 def _cores_and_batch(args: dict[str, Any]) -> tuple[int, int]:
@@ -85,6 +94,19 @@ def cluster_serve_config(
     return config
 
 
+def pod_drain_s(serve_config: dict[str, Any]) -> int:
+    """How long a stopping pod drains its Ray node: the longest `graceful_shutdown_timeout_s` of its apps,
+    or the proxy's minimum if longer, and a margin.
+
+    Ray's default (30 s) is shorter than Serve's proxy minimum plus its check, and than any graceful
+    timeout above 30 s: past it the node's processes stop, its replicas' streams and its proxy's with
+    them. Each pod's `terminationGracePeriodSeconds` adds TEARDOWN_S to it.
+    """
+    graceful = max(load_config(app.get("args") or {}, environ={}).graceful_shutdown_timeout_s
+                   for app in serve_config["applications"])
+    return math.ceil(max(graceful, PROXY_DRAIN_S) + DRAIN_MARGIN_S)
+
+
 def _hf_token_env(name: str) -> dict[str, Any]:
     # Optional, so that public models run without the Secret.
     ref = {"name": f"{name}-hf-token", "key": HF_TOKEN_KEY, "optional": True}
@@ -96,7 +118,11 @@ def _pod_labels(name: str) -> dict[str, Any]:
     return {"labels": {POD_LABEL: name}}
 
 
-def _head_group(name: str, image: str) -> dict[str, Any]:
+def _drain_env(drain_s: int) -> dict[str, Any]:
+    return {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": str(drain_s)}
+
+
+def _head_group(name: str, image: str, drain_s: int) -> dict[str, Any]:
     return {
         "serviceType": "ClusterIP",
         "rayStartParams": {
@@ -105,6 +131,7 @@ def _head_group(name: str, image: str) -> dict[str, Any]:
             "metrics-export-port": str(METRICS_PORT),
         },
         "template": {"metadata": _pod_labels(name), "spec": {
+            "terminationGracePeriodSeconds": drain_s + TEARDOWN_S,
             "containers": [{
                 "name": "ray-head",
                 "image": image,
@@ -115,7 +142,7 @@ def _head_group(name: str, image: str) -> dict[str, Any]:
                     {"containerPort": 8000, "name": "serve"},
                     {"containerPort": METRICS_PORT, "name": "metrics"},
                 ],
-                "env": [_hf_token_env(name)],
+                "env": [_hf_token_env(name), _drain_env(drain_s)],
                 "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}},
                 "volumeMounts": [{"name": "data", "mountPath": "/data"}],
             }],
@@ -125,7 +152,9 @@ def _head_group(name: str, image: str) -> dict[str, Any]:
     }
 
 
-def _worker_group(name: str, image: str, instance: InstanceType, min_workers: int, max_workers: int) -> dict[str, Any]:
+def _worker_group(
+    name: str, image: str, instance: InstanceType, min_workers: int, max_workers: int, drain_s: int
+) -> dict[str, Any]:
     cpu, memory = int(instance.vcpus * HOST_SHARE), int(instance.memory_gib * HOST_SHARE)
     return {
         "groupName": instance.name.replace(".", "-"),
@@ -139,11 +168,12 @@ def _worker_group(name: str, image: str, instance: InstanceType, min_workers: in
         "template": {"metadata": _pod_labels(name), "spec": {
             "nodeSelector": {"node.kubernetes.io/instance-type": instance.name},
             "tolerations": [{"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": drain_s + TEARDOWN_S,
             "containers": [{
                 "name": "ray-worker",
                 "image": image,
                 "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
-                "env": [_hf_token_env(name)],
+                "env": [_hf_token_env(name), _drain_env(drain_s)],
                 "resources": {
                     "requests": {"cpu": str(cpu), "memory": f"{memory}Gi"},
                     "limits": {"cpu": str(cpu), "memory": f"{memory}Gi", "aws.amazon.com/neuron": str(instance.devices)},
@@ -171,6 +201,7 @@ def render_rayservice(
     serve_text = yaml.safe_dump(
         cluster_serve_config(serve_config, instance, min_workers, max_workers), sort_keys=False, width=4096
     )
+    drain_s = pod_drain_s(serve_config)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -181,8 +212,8 @@ def render_rayservice(
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
-                "headGroupSpec": _head_group(name, image),
-                "workerGroupSpecs": [_worker_group(name, image, instance, min_workers, max_workers)],
+                "headGroupSpec": _head_group(name, image, drain_s),
+                "workerGroupSpecs": [_worker_group(name, image, instance, min_workers, max_workers, drain_s)],
             },
         },
     }
@@ -221,6 +252,7 @@ def _header(manifest: dict[str, Any]) -> str:
     serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     group, _ = _cores_and_batch(serve["applications"][0]["args"])
     name = manifest["metadata"]["name"]
+    drain_s = pod_drain_s(serve)
     return f"""\
 # neuron-serve on EKS with KubeRay. GENERATED by scripts/render_kuberay.py from serve_config.yaml:
 # edit serve_config.yaml (or use scripts/plan.py), then re-render; `--check` tells when this is stale.
@@ -239,6 +271,11 @@ def _header(manifest: dict[str, Any]) -> str:
 # /data (HF_HOME, compiled models): a hostPath on each inf2 node, so a restarted pod does not recompile;
 # give the nodes a large root volume, or replace it with a ReadWriteMany PVC (EFS/FSx) shared by all nodes.
 # HF_TOKEN comes from the Secret `{name}-hf-token` (key `{HF_TOKEN_KEY}`); it is optional for public models.
+#
+# A pod Kubernetes stops (kubectl drain, a spot reclaim, a scale-down, an upgrade) drains its Ray node
+# first, for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S = {drain_s} s: Serve moves its replicas away,
+# each finishing its streams within `graceful_shutdown_timeout_s`, and drains its HTTP proxy;
+# terminationGracePeriodSeconds = {drain_s + TEARDOWN_S} s leaves Ray time to stop after that.
 #
 # Nothing here is public: KubeRay's head and serve Services are ClusterIP, and there is no LoadBalancer,
 # NodePort or Ingress. The Ray dashboard (8265) and Ray's metrics port (8080) must stay inside the cluster

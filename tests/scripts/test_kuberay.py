@@ -135,6 +135,36 @@ def test_nothing_is_exposed_outside_the_cluster(manifest):
     assert "LoadBalancer" not in body and "NodePort" not in body
 
 
+def drain_settings(manifest: dict) -> list[tuple[float, int]]:
+    """(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, terminationGracePeriodSeconds) of each group's pods."""
+    settings = []
+    for group in groups(manifest):
+        spec = group["template"]["spec"]
+        [container] = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        settings.append((float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]), spec["terminationGracePeriodSeconds"]))
+    return settings
+
+
+def test_a_stopping_pod_drains_its_node_for_longer_than_serve_needs(manifest):
+    """`ray start` drains its node on SIGTERM (tests/reliability/test_pod_stop.py) for the time the pod sets:
+    longer than the replicas' graceful timeout and Serve's minimum for a draining proxy, and Kubernetes
+    waits longer still. Ray's default (30 s) is shorter than both."""
+    from ray.serve._private.constants import PROXY_MIN_DRAINING_PERIOD_S
+
+    assert render_kuberay.PROXY_DRAIN_S == PROXY_MIN_DRAINING_PERIOD_S  # our copy of Ray's figure is Ray's
+    [app] = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    graceful = load_config(app["args"], environ={}).graceful_shutdown_timeout_s
+    for drain, grace in drain_settings(manifest):
+        assert drain >= max(graceful, PROXY_MIN_DRAINING_PERIOD_S) + 10
+        assert grace >= drain + 10
+
+    longer = yaml.safe_load(yaml.safe_dump(SERVE_CONFIG))
+    longer["applications"][0]["args"]["graceful_shutdown_timeout_s"] = 300  # long generations
+    for drain, grace in drain_settings(render(longer)):
+        assert drain >= 310 and grace >= drain + 10
+
+
 def test_other_instance_types_and_bad_groups():
     manifest = render(instance_type="inf2.24xlarge", min_workers=0, max_workers=2)
     _, worker = groups(manifest)
