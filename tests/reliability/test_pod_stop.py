@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from ..conftest import SERVE_CONFIG, load_script, wait_healthy
-from .conftest import SIMULATED, body, run, stream, streaming
+from .conftest import SIMULATED, body, newcomer, run, streaming
 
 pytestmark = pytest.mark.slow
 
@@ -132,9 +132,6 @@ def test_a_pod_stopped_by_kubernetes_finishes_its_streams_and_the_app_serves_on(
     [stopped] = [pod for pod in inf2 if pod.runs("NeuronBatcher")]
     [spare] = [pod for pod in inf2 if pod is not stopped]
 
-    async def knock(client: httpx.AsyncClient):
-        return await stream(client, url, body(5))
-
     async def scenario():
         async with httpx.AsyncClient(timeout=180) as client:
             in_flight = await streaming(client, url, 4, TOKENS)  # all on the one batcher, the stopped pod's
@@ -142,7 +139,7 @@ def test_a_pod_stopped_by_kubernetes_finishes_its_streams_and_the_app_serves_on(
             began = time.monotonic()
             newcomers = []
             while not all(task.done() for task in in_flight):  # requests keep coming during the drain
-                newcomers.append(asyncio.create_task(knock(client)))
+                newcomers.append(asyncio.create_task(newcomer(client, url)))
                 await asyncio.sleep(0.5)
             results = await asyncio.gather(*in_flight)
             streams_s = time.monotonic() - began

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import SIMULATED, body, run, stream, streaming, wait_until
+from .conftest import SIMULATED, body, newcomer, run, streaming, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +33,6 @@ def redeploy(args: dict) -> threading.Thread:
                               kwargs={"name": "rolling", "route_prefix": "/rolling"}, daemon=True)
     thread.start()
     return thread
-
-
-NEWCOMER_ATTEMPTS = 3
-
-
-async def newcomer(client: httpx.AsyncClient, url: str):
-    """A request as a client behind HAProxy must send it: once more if its kept-alive connection closed
-    before any byte of a response. HAProxy closes a client's connection so, for the client to retry,
-    when the server connection it reused for the request closed without a response. In a rolling
-    update: a request on a stream's connection just freed goes, through the HAProxy process that a
-    reload replaced, to the old ingress replica, which, drained, is closing its kept-alive connections
-    just then (the replica's log puts the failures of 2 full test runs of 4 in that moment; HAProxy
-    logs no such request). The retry may take another such pooled connection and fail the same way
-    (twice in a row in 1 full run of 3), so a client sends it up to NEWCOMER_ATTEMPTS times."""
-    for attempt in range(1, NEWCOMER_ATTEMPTS + 1):
-        try:
-            return await stream(client, url, body(10))
-        except httpx.RemoteProtocolError as error:
-            if "without sending a response" not in str(error) or attempt == NEWCOMER_ATTEMPTS:
-                raise
 
 
 def test_a_redeploy_drains_in_flight_streams_and_serves_newcomers(rolling):
