@@ -42,7 +42,7 @@ APP_CONFIG = {
 
 
 class Pod:
-    """One Ray node as a KubeRay pod runs it: `ray start --block` in the foreground, its own process group."""
+    """One Ray node as a KubeRay pod runs it: `ray start --block` in the foreground, in a session of its own."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path):
         self.log = logs / f"{name}.log"
@@ -94,12 +94,15 @@ class Pods:
             env[name] = str(self.free_port())  # not the defaults, which a `serve run` on this machine may hold
         self.env = env
         self.logs = Path(tempfile.mkdtemp(prefix="pods-", dir="/tmp"))  # short: Ray's socket paths live under it
-        self.address = f"127.0.0.1:{self.free_port()}"
-        self.url = f"http://127.0.0.1:{self.free_port()}"
+        self.gcs_port, self.http_port = self.free_port(), self.free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
         self.started: list[Pod] = []
-        self._start("head", "--head", f"--port={self.address.split(':')[1]}",
-                    f"--ray-client-server-port={self.free_port()}", "--num-cpus=0", "--include-dashboard=false",
-                    "--disable-usage-stats", f"--temp-dir={self.logs}")
+
+    def add_head(self) -> Pod:
+        return self._start("head", "--head", f"--port={self.gcs_port}", f"--ray-client-server-port={self.free_port()}",
+                           "--num-cpus=0", "--include-dashboard=false", "--disable-usage-stats",
+                           f"--temp-dir={self.logs}")
 
     def _start(self, name: str, *args: str) -> Pod:
         own_ports = [f"--{flag}={self.free_port()}" for flag in (
@@ -113,11 +116,10 @@ class Pods:
                            '--resources={"neuron_cores": 2}')
 
     def deploy(self, **args) -> None:
-        """The app, with `args` over ARGS, by `serve run` as a RayService has KubeRay deploy it."""
+        """The app, with `args` over ARGS, deployed on the cluster by `serve run --non-blocking`."""
         config = self.logs / "serve_config.yaml"
-        port = int(self.url.rsplit(":", 1)[1])
         [app] = APP_CONFIG["applications"]
-        config.write_text(yaml.safe_dump({**APP_CONFIG, "http_options": {"host": "127.0.0.1", "port": port},
+        config.write_text(yaml.safe_dump({**APP_CONFIG, "http_options": {"host": "127.0.0.1", "port": self.http_port},
                                           "applications": [{**app, "args": {**ARGS, **args}}]}))
         subprocess.run([str(BIN / "serve"), "run", str(config), f"--address={self.address}", "--non-blocking"],
                        env=self.env, cwd=ROOT, check=True, timeout=240,
@@ -134,6 +136,7 @@ class Pods:
 def pods():
     cluster = Pods()
     try:
+        cluster.add_head()
         yield cluster
     finally:
         cluster.stop()
