@@ -85,6 +85,11 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout}s")
 
 
+# HAProxy's side ports (stats, Prometheus, the fallback proxy): fixed by default, so a test cluster takes free ones.
+HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
 def ray_logs() -> Path:
     """The log directory of this process's Ray session (the `cluster` fixture's): replicas' files under `serve/`."""
     import ray
@@ -103,21 +108,27 @@ def load_script(name: str):
     return module
 
 
-def descendant(root: int, title: str, timeout: float = 60.0, read=lambda process: process.name()):
-    """`read` of the process whose command line holds `title` among `root`'s descendants, waiting for it
-    (one that exits meanwhile, as HAProxy's reloads end some, is skipped)."""
+def titled_descendant(root: int, title: str, read=lambda process: process.name()):
+    """`read` of a process whose command line holds `title` among `root`'s descendants, or None (one that
+    exits meanwhile, as HAProxy's reloads end some, is skipped)."""
     import psutil
 
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            if title in " ".join(child.cmdline()):
+                return read(child)
+        except psutil.Error:
+            continue
+    return None
+
+
+def descendant(root: int, title: str, timeout: float = 60.0, read=lambda process: process.name()):
+    """`titled_descendant`, waiting for it."""
     deadline = time.monotonic() + timeout
-    while True:
-        for child in psutil.Process(root).children(recursive=True):
-            try:
-                if title in " ".join(child.cmdline()):
-                    return read(child)
-            except psutil.Error:
-                continue
+    while (found := titled_descendant(root, title, read)) is None:
         assert time.monotonic() < deadline, f"no {title} process under pid {root}"
         time.sleep(0.5)
+    return found
 
 
 def serve_process_env(root: int, title: str, timeout: float = 60.0) -> dict[str, str]:
@@ -173,9 +184,7 @@ def cluster():
     # HAProxy's side ports (stats, Prometheus, the fallback proxy) are fixed by default: free ones for
     # this cluster's processes only (they inherit the environment Ray starts in), so that a `serve run`
     # beside it (test_serve_run) gets the defaults, as on a fresh machine.
-    side_ports = {name: str(free_port()) for name in (
-        "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+    side_ports = {name: str(free_port()) for name in HAPROXY_SIDE_PORTS}
     os.environ.update(side_ports)
     try:
         # A cluster of this process's own (address="local"): shutting it down stops only its processes, so

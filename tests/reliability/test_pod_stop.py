@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from ..conftest import SERVE_CONFIG, load_script, wait_healthy
+from ..conftest import HAPROXY_SIDE_PORTS, SERVE_CONFIG, load_script, titled_descendant, wait_healthy
 from .conftest import SIMULATED, body, newcomer, run, streaming
 
 pytestmark = pytest.mark.slow
@@ -61,13 +61,7 @@ class Pod:
 
     def runs(self, title: str) -> bool:
         """Whether a process titled `title` (a Serve replica's, say) runs on this node."""
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            try:
-                if title in " ".join(child.cmdline()):
-                    return True
-            except psutil.Error:
-                continue
-        return False
+        return titled_descendant(self.process.pid, title) is not None
 
     def kill(self) -> None:
         """Every process of the pod: Ray's workers leave the process group `ray start` began, not its session."""
@@ -89,8 +83,7 @@ class Pods:
         self.drain_s = load_script("render_kuberay").pod_drain_s(APP_CONFIG)
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
         env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.drain_s)})
-        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+        for name in HAPROXY_SIDE_PORTS:
             env[name] = str(self.free_port())  # not the defaults, which a `serve run` on this machine may hold
         self.env = env
         self.logs = Path(tempfile.mkdtemp(prefix="pods-", dir="/tmp"))  # short: Ray's socket paths live under it
