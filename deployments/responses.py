@@ -178,7 +178,7 @@ def chat_completion(ctx: OpenAIContext, valid: ValidRequest, g: Generated) -> di
 def chat_chunk(ctx: OpenAIContext, event) -> dict[str, Any]:
     choice = {
         "index": 0,
-        "delta": {"role": "assistant", "content": event.token.text},  # "" for a special token (the engine's)
+        "delta": {"role": "assistant", "content": "" if event.token.special else event.token.text},  # as TGI
         "logprobs": chat_logprobs([event.token], [event.top_tokens]) if ctx.logprobs else None,
         "finish_reason": OPENAI_FINISH[event.finish.reason.value] if event.finish else None,
     }

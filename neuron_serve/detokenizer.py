@@ -1,8 +1,8 @@
 """Streaming detokenization: turn generated ids into text pieces, one per token, as they come.
 
 The concatenation of the pieces equals `tokenizer.decode(generated_ids, skip_special_tokens=False)`:
-as in TGI, a special token's piece is its own text (`</s>`, `<|im_end|>`), which stop sequences can
-name (the engine then gives its event no text).
+as in TGI, a special token's piece is its own text (`</s>`, `<|im_end|>`), which its event carries
+and stop sequences can name.
 It works on offsets into decoded text, as TGI does: decode a short window before the new token and
 the window with it, and emit what the new token added. A piece that ends in U+FFFD is an incomplete
 UTF-8 character (a byte-level token split it): it is held back until a later token completes it.

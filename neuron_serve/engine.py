@@ -67,7 +67,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos_ids = frozenset(eos_ids)
-        self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
+        self.special_ids = frozenset(tokenizer.all_special_ids)  # TGI's `special`: EOS ids outside it are not
         self.batch = StaticBatch(limits.max_batch_size)
         self.scheduler = Scheduler(prefill_policy, insertion, limits.max_batch_prefill_tokens)
         self.waiting: deque[WaitingRequest] = deque()
@@ -204,13 +204,10 @@ class Engine:
         token_id = choice.token_id
         slot.token_ids.append(token_id)
         slot.generated += 1
-        # Stop sequences see a special token's own text, as in TGI (`stop: ["<|eot_id|>"]`); its event's
-        # text is "", so that the events' texts add up to `generated_text`.
+        # A special token's event has its own text (`</s>`), as in TGI, which leaves it out of
+        # `generated_text` only; stop sequences see it too (`stop: ["<|eot_id|>"]`).
         text = slot.detokenizer.add(token_id)
         reason = slot.stop.check(token_id, slot.generated, text)
-        special = token_id in self.special_ids
-        if special:
-            text = ""
         finish = None
         if reason is not None:
             text += slot.detokenizer.flush()
@@ -229,7 +226,7 @@ class Engine:
         return TokenEvent(
             request_id=slot.id,
             index=slot.generated,
-            token=Token(token_id, text, choice.logprob, special),
+            token=Token(token_id, text, choice.logprob, token_id in self.special_ids),
             top_tokens=[self._token(i, lp) for i, lp in zip(choice.top_ids, choice.top_logprobs)],
             prompt_tokens=prompt_tokens,
             finish=finish,
@@ -247,7 +244,8 @@ class Engine:
         return events
 
     def _token(self, token_id: int, logprob: float) -> Token:
-        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        # As TGI decodes top and prompt tokens: no clean-up, which would eat the space of " ." or " 's".
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return Token(token_id, text, logprob, token_id in self.special_ids)
 
     def _prompt_tokens(self, input_ids, logprobs) -> list[Token]:

@@ -59,11 +59,15 @@ def load_tokenizer(model_dir: Path, token: str | None = None):
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:
-    """Every end-of-sequence id: the generation config's, else the model config's, else the tokenizer's."""
+    """Every end-of-sequence id: the tokenizer's, and the generation config's (else the model config's).
+    Both, as vLLM does: a fine-tune often changes one (ChatML's `<|im_end|>` in the tokenizer) and not
+    the other, and TGI, which takes the tokenizer's unless the generation config has a list, would then
+    generate past the end of the turn."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for name in ("generation_config.json", "config.json"):
         path = model_dir / name
         if path.is_file():
             eos = json.loads(path.read_text()).get("eos_token_id")
             if eos is not None:
-                return frozenset(eos if isinstance(eos, list) else [eos])
-    return frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()
+                return frozenset(ids | set(eos if isinstance(eos, list) else [eos]))
+    return frozenset(ids)

@@ -48,7 +48,8 @@ class FinishReason(str, enum.Enum):
 @dataclass
 class Token:
     id: int
-    text: str  # the text this token adds to the output ("" for special tokens, and while a character is incomplete)
+    text: str  # the text this token adds to the output ("" while a character is incomplete); a special token's own
+    # text (`</s>`), which `generated_text` leaves out
     logprob: float  # NaN where there is none (the first prompt token)
     special: bool = False
 

@@ -37,15 +37,16 @@ def test_stop_sequence_split_across_tokens_or_inside_one():
 
 def test_a_stop_sequence_can_name_a_special_token(engine, tokenizer, reference):
     """As in TGI, whose stop sequences see special tokens' text: `stop: ["<|eot_id|>"]` ends a turn
-    whose end is not among the model's EOS ids. The token's event still has no text."""
+    whose end is not among the model's EOS ids. The token's event carries its text, as TGI's does;
+    `generated_text` leaves it out."""
     prompt = tokenizer("What is Deep Learning?").input_ids
     full = reference(prompt, 20)
     k = next(i for i, t in enumerate(full) if t in tokenizer.all_special_ids)  # the tiny model emits one
     stop = tokenizer.convert_ids_to_tokens(full[k])
     events = run(engine, {0: [request("s", prompt, 20, stop=[stop])]})["s"]
     assert token_ids(events) == full[: k + 1] and events[-1].finish.reason == FinishReason.STOP_SEQUENCE
-    assert events[-1].token.special and events[-1].token.text == ""
-    assert events[-1].finish.generated_text == "".join(e.token.text for e in events)
+    assert events[-1].token.special and events[-1].token.text == stop
+    assert events[-1].finish.generated_text == "".join(e.token.text for e in events[:-1])
 
 
 def test_total_length_caps_max_new_tokens():
@@ -81,6 +82,20 @@ def test_max_new_tokens_and_total_length(engine, tokenizer):
     assert events[-1].finish.reason == FinishReason.LENGTH
 
 
+def test_the_tokenizers_eos_stays_when_the_generation_config_names_another(tiny_model_dir, tmp_path):
+    """A fine-tune that set the tokenizer's EOS (ChatML's `<|im_end|>`) but kept its base model's single
+    id in generation_config.json still ends its turns."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    assert eos_token_ids(model_dir, tokenizer) == {0, tokenizer.eos_token_id}
+    (model_dir / "generation_config.json").unlink()
+    (model_dir / "config.json").write_text(json.dumps({**json.loads((model_dir / "config.json").read_text()),
+                                                       "eos_token_id": None}))
+    assert eos_token_ids(model_dir, tokenizer) == {tokenizer.eos_token_id}
+
+
 def test_eos_ids_come_from_the_generation_config(tiny_model_dir, tmp_path, reference):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -97,6 +112,9 @@ def test_eos_ids_come_from_the_generation_config(tiny_model_dir, tmp_path, refer
     events = run(engine, {0: [request("e", prompt, 20)]})["e"]
     first = expected.index(eos)
     assert token_ids(events) == expected[: first + 1]
-    assert events[-1].finish.reason == FinishReason.EOS_TOKEN and events[-1].token.special
-    assert events[-1].token.text == ""
+    assert events[-1].finish.reason == FinishReason.EOS_TOKEN
+    # As in TGI, `special` is the tokenizer's (this EOS id is a word), and the event has its text;
+    # `generated_text` leaves an EOS id out all the same.
+    assert not events[-1].token.special and events[-1].token.text
     assert events[-1].finish.generated_text == tokenizer.decode(expected[:first], skip_special_tokens=True)
+    assert events[-1].finish.generated_text == "".join(e.token.text for e in events[:-1])

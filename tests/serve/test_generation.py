@@ -91,7 +91,9 @@ def test_every_route_gives_transformers_greedy_tokens_under_load(app, expected, 
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert [e["token"]["id"] for e in events] == ids and "[DONE]" not in events
     assert [e["index"] for e in events] == list(range(1, N + 1))
-    assert events[-1]["generated_text"] == text and "".join(e["token"]["text"] for e in events) == text
+    # As in TGI, a special token's event has its own text, which `generated_text` leaves out.
+    assert events[-1]["generated_text"] == text
+    assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == text
     assert events[-1]["details"]["input_length"] == 6 and all(e["details"] is None for e in events[:-1])
 
     compat_body = compat.json()
@@ -153,13 +155,16 @@ def test_stop_sequence_through_http(app, expected, tokenizer):
     assert result["details"]["finish_reason"] == "stop_sequence" and stop in result["generated_text"]
     assert text.startswith(result["generated_text"])
     # A stop sequence may name a special token (TGI's stop sequences see their text): the greedy
-    # continuation has one, and the request ends there, the token itself with no text.
+    # continuation has one, and the request ends there. As in TGI, the token has its own text in
+    # `details.tokens` and none in `generated_text`.
     ids, _ = expected
     k = next(i for i, t in enumerate(ids) if t in tokenizer.all_special_ids)
     body["parameters"]["stop"] = [tokenizer.convert_ids_to_tokens(ids[k])]
     result = httpx.post(f"{app}/generate", json=body, timeout=60).json()
     assert result["details"]["finish_reason"] == "stop_sequence" and result["details"]["generated_tokens"] == k + 1
-    assert result["details"]["tokens"][-1]["special"] and result["details"]["tokens"][-1]["text"] == ""
+    special = body["parameters"]["stop"][0]
+    assert result["details"]["tokens"][-1] == {**result["details"]["tokens"][-1], "special": True, "text": special}
+    assert special not in result["generated_text"]
 
 
 def test_a_stream_interval_still_gives_one_event_per_token_in_order(cluster, expected):
