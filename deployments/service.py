@@ -78,21 +78,22 @@ def error_message(error: ServeError) -> str:
 
 
 class Permits:
-    """At most `limit` requests in flight in this ingress; beyond that, 429 at once (never queued)."""
+    """At most `limit` sequences in flight in this ingress; beyond that, 429 at once (never queued). As in
+    TGI, a `best_of` request takes one per sequence."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.in_use = 0
 
     @contextlib.contextmanager
-    def take(self):
-        if self.in_use >= self.limit:
+    def take(self, sequences: int = 1):
+        if self.in_use + sequences > self.limit:
             raise OverloadedError("Model is overloaded")
-        self.in_use += 1
+        self.in_use += sequences
         try:
             yield
         finally:
-            self.in_use -= 1
+            self.in_use -= sequences
 
 
 @dataclass
@@ -200,12 +201,13 @@ class TextGeneration:
         timings = Timings(time.monotonic(), characters=len(body.inputs))
         with self._accounted():
             best_of = body.parameters.best_of
-            if best_of is not None and best_of > 1:
+            sequences = best_of if best_of is not None and best_of > 1 else 1
+            if sequences > 1:
                 self.validator.validate_best_of(best_of)
-            with self.permits.take():
+            with self.permits.take(sequences):
                 valid = self._validate(body.inputs, body.parameters, return_full_text_default=return_full_text_default)
                 timings.validated = time.monotonic()
-                runs = await asyncio.gather(*(R.gather(self.source.stream(r)) for r in self._best_of_requests(valid)))
+                runs = await _all(R.gather(self.source.stream(r)) for r in self._best_of_requests(valid))
             best = max(runs, key=lambda g: g.mean_logprob)
             self._succeeded(timings.start, best)
         others = [g for g in runs if g is not best]
@@ -373,7 +375,7 @@ class TextGeneration:
             self._finish_timings(timings, valid, generated)
             return (index, valid, generated), timings.headers(self.compute_type)
 
-        done = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        done = await _all(one(i, p) for i, p in enumerate(prompts))
         headers = _summed_headers([h for _, h in done])
         return R.completion(self._openai_context(None), [r for r, _ in done]), headers
 
@@ -409,6 +411,17 @@ class TextGeneration:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+async def _all(coroutines) -> list:
+    """Their results in order, or the first failure, which cancels the others (`asyncio.gather` would
+    let them run on: rows and permits held for an answer nobody reads)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _openai_sampling(temperature: float | None) -> dict:

@@ -166,3 +166,15 @@ def test_a_client_that_stops_reading_does_not_stall_the_others(narrow):
             rest = [line for line in lines if line.startswith("data:")]
     assert len(rest) == 899 and '"generated_text":"' in rest[-1]
     print(f"slow client: three 100-token streams finished in {others_s:.1f}s while a 900-token stream went unread")
+
+
+def test_a_failed_prompt_of_a_completions_batch_stops_the_others(narrow):
+    """TGI answers a /v1/completions batch with its first error and drops the other prompts; they must
+    not go on generating (holding rows and permits) for an answer nobody will read."""
+    long = "Once upon a time"
+    too_long = "word " * 300  # over max_input_tokens (128)
+    r = httpx.post(f"{narrow}/v1/completions", json={"prompt": [long, too_long], "max_tokens": 400}, timeout=60)
+    assert r.status_code == 422 and "must have less than 128 tokens" in r.json()["error"]
+    time.sleep(1.0)  # the long prompt alone would take ~5 s
+    assert all_rows_free(narrow), replicas(narrow)
+

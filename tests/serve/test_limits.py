@@ -61,6 +61,24 @@ def test_requests_beyond_max_concurrent_get_429_and_the_rest_complete(guarded):
     assert all(r.json()["generated_text"] for r in responses if r.status_code == 200)
 
 
+def test_best_of_takes_a_permit_per_sequence(guarded):
+    """As in TGI, whose `best_of` runs each sequence as a request of its own: of 2 permits, a stream holds
+    one, and a `best_of: 2` request is refused; alone, it is served."""
+    best_of = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8, "best_of": 2, "do_sample": True,
+                                                            "details": True}}
+    long = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
+    with httpx.Client(timeout=60, headers=AUTH) as client:
+        with client.stream("POST", f"{guarded}/generate_stream", json=long) as response:
+            assert next(line for line in response.iter_lines() if line.startswith("data:"))
+            refused = client.post(f"{guarded}/generate", json=best_of)
+        deadline = time.monotonic() + 30
+        while (served := client.post(f"{guarded}/generate", json=best_of)).status_code == 429:
+            assert time.monotonic() < deadline, "the stream's permit was never given back"  # its cancellation is async
+            time.sleep(0.2)
+    assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded", refused.text
+    assert served.status_code == 200 and len(served.json()["details"]["best_of_sequences"]) == 1, served.text
+
+
 def test_disconnect_frees_the_row(app):
     body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
     with httpx.Client(timeout=60) as client:
