@@ -49,7 +49,7 @@ class NeuronBatcher:
         started = time.monotonic()
         # Minutes for a compiled model on inf2: off the event loop, bounded by the configured timeout.
         engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)
-        self.metrics = BatcherMetrics(engine.limits, self.cores or "none", engine.scheduler.insertion.name)
+        self.metrics = BatcherMetrics(engine.limits, self.cores or "none")
         self.engine = AsyncEngine(engine, on_step=self._on_step, stream_interval=config.stream_interval)
         self.engine.start()
         self.outbox = Outbox()

@@ -9,6 +9,7 @@ chosen by Serve's router, and streams its events from the replica's channel to t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -23,8 +24,9 @@ from neuron_serve import __version__
 from neuron_serve.config import Config
 from neuron_serve.loading import model_limits
 from neuron_serve.model_files import load_tokenizer, resolve_model_dir
-from neuron_serve.request import ErrorEvent, Event, GenerationRequest, is_last
+from neuron_serve.request import ErrorEvent, Event, GenerationRequest, TokenEvent, is_last
 
+from .batcher import RECENT_TOKEN_S
 from .channel import Inbox
 from .http_api import build_http_app
 from .metrics import IngressMetrics, scrape_cluster, tgi_metrics_text
@@ -34,6 +36,10 @@ from .service import TextGeneration
 logger = logging.getLogger("ray.serve")
 
 REPLICA_LOST = (RayActorError, ActorUnavailableError)  # the replica process died or cannot be reached
+# /info lists the batchers that answer within this: one with `max_ongoing_requests` in hand answers only once
+# one of its requests ends.
+STATUS_TIMEOUT_S = 2.0
+QUEUE_GAUGE_EVERY_S = 1.0  # `tgi_queue_size` is set this often (Ray exports every 10 s, and drops a gauge not set)
 
 
 class BatcherSource:
@@ -45,6 +51,11 @@ class BatcherSource:
     nothing visible: the request is sent again, and Serve's router, which drops a replica it saw die,
     picks another. Once events have flowed, the request ends with an error event. A call that returns
     without its last event having come ends the stream there, which the caller reports as incomplete.
+
+    A request also waits in Serve's queue while every batcher has `max_ongoing_requests` in hand, as a
+    TGI request waits in the router's. So its queue time counts from its call here (the time to its
+    last event less the engine's inference time), and `queued` holds every request that has no event
+    yet: in Serve's queue, in a batcher's, or in its prefill.
 
     A request still waiting for its first event asks, each second, whether its app is being deleted:
     the batchers leave Serve's router as their app's deletion begins, while HAProxy may still send this
@@ -61,9 +72,26 @@ class BatcherSource:
         self.handle = handle
         self.inbox = inbox
         self.app_deleting = app_deleting
+        self.queued: set[str] = set()  # requests with no event yet (`tgi_queue_size`)
+        self.last_token_at = float("-inf")  # when a token last came, unless a generation failed since (`/health`)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+        self.queued.add(request.id)
+        try:
+            async with contextlib.aclosing(self._attempts(request)) as handovers:
+                async for events in handovers:
+                    self.queued.discard(request.id)
+                    if isinstance(events[-1], ErrorEvent) and events[-1].error_type == "generation":
+                        self.last_token_at = float("-inf")  # a generation failed: `/health` asks the batchers
+                    elif isinstance(events[0], TokenEvent):
+                        self.last_token_at = time.monotonic()
+                    yield events
+        finally:
+            self.queued.discard(request.id)
+
+    async def _attempts(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         reply_to = await self.inbox.address()
+        sent = time.monotonic()
         for attempt in range(1, self.ATTEMPTS + 1):
             events_in = self.inbox.open(request.id)
             response = self.handle.generate.remote(request, reply_to)
@@ -84,6 +112,9 @@ class BatcherSource:
                             return
                     if item is not call:
                         started, finished = True, is_last(item[-1])
+                        finish = getattr(item[-1], "finish", None)
+                        if finish is not None:
+                            finish.queue_time = max(0.0, time.monotonic() - sent - finish.inference_time)
                         yield item
                         if finished:
                             return
@@ -150,7 +181,7 @@ class AppDeletion:
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, batcher: DeploymentHandle, config: Config):
+    async def __init__(self, batcher: DeploymentHandle, config: Config):
         keep_request_lines_off_stderr()
         self.batcher = batcher
         self.config = config
@@ -159,11 +190,19 @@ class Ingress:
         request_metrics = IngressMetrics(self.limits)
         source = BatcherSource(batcher, Inbox(ray.util.get_node_ip_address()),
                                AppDeletion(BatcherSource.DELETION_CHECK_S))
+        self.source = source
+        self._queue_gauge = asyncio.create_task(self._keep_queue_gauge(request_metrics, source))
         self.service = TextGeneration(
             config, self.limits, load_tokenizer(model_dir), source,
             model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
         )
         logger.info("Ingress ready for %s: %s", config.model_id, self.limits)
+
+    @staticmethod
+    async def _keep_queue_gauge(metrics: IngressMetrics, source: BatcherSource) -> None:
+        while True:
+            metrics.queued(len(source.queued))
+            await asyncio.sleep(QUEUE_GAUGE_EVERY_S)
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.service, self, self.config)
@@ -176,12 +215,17 @@ class Ingress:
             return []
 
     async def health(self) -> bool:
-        """200 once a batcher replica produces a token (503 while they load, or when none can)."""
+        """200 once a batcher replica produces a token (503 while they load, or when none can). Tokens that
+        came here lately, with no failed generation since, are proof enough, and the only proof under load:
+        a batcher with `max_ongoing_requests` in hand holds every call, a probe too, until one of its
+        requests ends."""
+        if time.monotonic() - self.source.last_token_at < RECENT_TOKEN_S:
+            return True
         results = await self._replicas("probe", self.config.health_probe_timeout_s)
         return any(r is True for r in results)
 
     async def info(self) -> dict[str, Any]:
-        replicas = [r for r in await self._replicas("status", 5.0) if isinstance(r, dict)]
+        replicas = [r for r in await self._replicas("status", STATUS_TIMEOUT_S) if isinstance(r, dict)]
         limits = self.limits
         return {
             "model_id": self.config.model_id,

@@ -4,9 +4,15 @@ Both deployments record with `ray.serve.metrics`, so every series reaches Ray's 
 (named `ray_<name>`, with Serve's `application`, `deployment` and `replica` labels, and a `cores`
 label carrying each batcher's NeuronCore group) and the Ray dashboard. The ingress's `/metrics`
 then serves them as TGI does: it reads every node's Ray metrics page, keeps the `ray_tgi_*` series,
-drops the per-replica labels, sums across replicas, and prints TGI's exact names. Series TGI does not
-have (time to first token, inter-token latency) are named `neuron_serve_*`, so they stay out of that
-page and appear only in Ray's export, for the Grafana dashboard in `deployments/grafana/`.
+drops the per-replica labels, sums across replicas, and prints TGI's exact names and buckets. Series
+TGI does not have (time to first token, inter-token latency) are named `neuron_serve_*`, so they stay
+out of that page and appear only in Ray's export, for the Grafana dashboard in `deployments/grafana/`.
+
+Ray's agent rebuilds each histogram from its bucket counts, every value at its bucket's midpoint
+(Ray 2.60, `OpenTelemetryMetricRecorder.record_histogram_aggregated_batch`), so a `ray_*_sum` is an
+estimate: four answers of 10, 10, 10 and 100 tokens sum to about 113, not 130. Each histogram here
+therefore has a counter beside it, `<name>_exact_sum`, that adds the values themselves; `/metrics`
+prints its total as the histogram's `_sum`, and the Grafana dashboard reads it where it needs a sum.
 """
 
 from __future__ import annotations
@@ -19,40 +25,74 @@ from collections import defaultdict
 from neuron_serve.config import Limits
 from neuron_serve.engine import StepStats
 
+from .validation import DEFAULT_GENERATION_LENGTH
+
 logger = logging.getLogger(__name__)
 
-# TGI's buckets: durations are 35 geometric buckets from 150 µs, growing x1.5.
-DURATION_BUCKETS = [float(f"{0.00015 * 1.5**i:.6g}") for i in range(35)]
 TGI_LABELS = {"method", "err", "reason", "le"}  # the labels TGI's own series carry
 PREFIX = "ray_tgi_"
+EXACT_SUM = "_exact_sum"
+
+
+def _duration_buckets(n: int = 35) -> list[float]:
+    """TGI's, to the last bit (`router/src/server.rs`): 0.0001 times 1.5, again and again."""
+    buckets, value = [], 0.0001
+    for _ in range(n):
+        value *= 1.5
+        buckets.append(value)
+    return buckets
 
 
 def _linear(upper: int, n: int = 100) -> list[float]:
-    step = max(upper / n, 1.0)
-    return [step * (i + 1) for i in range(n)]
+    """TGI's token-count buckets: `upper` in `n` equal steps."""
+    return [(upper / n) * (i + 1) for i in range(n)]
+
+
+DURATION_BUCKETS = _duration_buckets()
+
+
+class TgiHistogram:
+    """A Ray histogram, and the exact sum of what it observed (see the module's docstring)."""
+
+    def __init__(self, name: str, description: str, boundaries: list[float], tag_keys: tuple[str, ...] | None = None):
+        from ray.serve import metrics
+
+        self.histogram = metrics.Histogram(name, description=description, boundaries=boundaries, tag_keys=tag_keys)
+        self.sum = metrics.Counter(name + EXACT_SUM, description=f"{description}: the sum of the values",
+                                   tag_keys=tag_keys)
+
+    def set_default_tags(self, tags: dict[str, str]) -> None:
+        self.histogram.set_default_tags(dict(tags))  # Serve adds its own tags to the dict it is given
+        self.sum.set_default_tags(dict(tags))
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.histogram.observe(value, tags=tags)
+        if value > 0:  # a counter only goes up
+            self.sum.inc(value, tags=tags)
 
 
 class IngressMetrics:
     """Request-level metrics, recorded by the HTTP ingress."""
 
     def __init__(self, limits: Limits):
-        from ray.serve.metrics import Counter, Histogram
+        from ray.serve.metrics import Counter, Gauge
 
         self.count = Counter("tgi_request_count", description="Requests received")
         self.success = Counter("tgi_request_success", description="Requests that generated successfully")
         self.failure = Counter("tgi_request_failure", description="Failed requests by error type", tag_keys=("err",))
-        d = lambda name, text: Histogram(name, description=text, boundaries=DURATION_BUCKETS)  # noqa: E731
+        self.queue_size = Gauge("tgi_queue_size", description="Requests with no token yet: in Serve's queue, a "
+                                                              "batcher's, or their prefill")
+        d = lambda name, text: TgiHistogram(name, text, DURATION_BUCKETS)  # noqa: E731
         self.duration = d("tgi_request_duration", "End-to-end request duration (s)")
         self.validation = d("tgi_request_validation_duration", "Validation and tokenization (s)")
         self.queue = d("tgi_request_queue_duration", "Time waiting for a batch row (s)")
         self.inference = d("tgi_request_inference_duration", "Time from prefill to last token (s)")
         self.per_token = d("tgi_request_mean_time_per_token_duration", "Mean time per generated token (s)")
-        self.input_length = Histogram("tgi_request_input_length", description="Prompt tokens",
-                                      boundaries=_linear(limits.max_input_tokens))
-        self.generated = Histogram("tgi_request_generated_tokens", description="Generated tokens",
-                                   boundaries=_linear(limits.max_total_tokens))
-        self.max_new_tokens = Histogram("tgi_request_max_new_tokens", description="Requested max_new_tokens",
-                                        boundaries=_linear(limits.max_total_tokens))
+        self.input_length = TgiHistogram("tgi_request_input_length", "Prompt tokens", _linear(limits.max_input_tokens))
+        self.generated = TgiHistogram("tgi_request_generated_tokens", "Generated tokens", _linear(limits.max_total_tokens))
+        # TGI records the first round's: at most DEFAULT_GENERATION_LENGTH.
+        self.max_new_tokens = TgiHistogram("tgi_request_max_new_tokens", "Requested max_new_tokens (first round)",
+                                           _linear(limits.max_total_tokens))
 
     def received(self) -> None:
         self.count.inc()
@@ -60,7 +100,7 @@ class IngressMetrics:
     def validated(self, seconds: float, input_length: int, max_new_tokens: int) -> None:
         self.validation.observe(seconds)
         self.input_length.observe(input_length)
-        self.max_new_tokens.observe(max_new_tokens)
+        self.max_new_tokens.observe(min(max_new_tokens, DEFAULT_GENERATION_LENGTH))
 
     def succeeded(self, total: float, queue: float, inference: float, generated_tokens: int) -> None:
         self.success.inc()
@@ -74,46 +114,52 @@ class IngressMetrics:
     def failed(self, err: str) -> None:
         self.failure.inc(tags={"err": err})
 
+    def queued(self, requests: int) -> None:
+        self.queue_size.set(requests)
+
 
 class BatcherMetrics:
     """Batch-level metrics, recorded by each NeuronBatcher replica after every engine step."""
 
-    def __init__(self, limits: Limits, cores: str, insertion: str):
-        from ray.serve.metrics import Counter, Gauge, Histogram
+    def __init__(self, limits: Limits, cores: str):
+        from ray.serve import metrics
 
-        self.insertion = insertion
         method = ("method", "cores")
-        self.inference_count = Counter("tgi_batch_inference_count", description="Forward passes", tag_keys=method)
-        self.inference_success = Counter("tgi_batch_inference_success", description="Successful forward passes", tag_keys=method)
-        self.inference_failure = Counter("tgi_batch_inference_failure", description="Failed forward passes", tag_keys=method)
-        self.concat = Counter("tgi_batch_concat", description="Prefills that inserted requests into a running batch",
-                              tag_keys=("reason", "cores"))
+        self.inference_count = metrics.Counter("tgi_batch_inference_count", description="Forward passes", tag_keys=method)
+        self.inference_success = metrics.Counter("tgi_batch_inference_success", description="Successful forward passes",
+                                                 tag_keys=method)
+        self.inference_failure = metrics.Counter("tgi_batch_inference_failure", description="Failed forward passes",
+                                                 tag_keys=method)
+        self.concat = metrics.Counter("tgi_batch_concat", description="Prefills that inserted requests into a running batch",
+                                      tag_keys=("reason", "cores"))
         cores_only = ("cores",)
-        self.current_size = Gauge("tgi_batch_current_size", description="Busy rows of the static batch", tag_keys=cores_only)
-        self.current_max_tokens = Gauge("tgi_batch_current_max_tokens", description="Token capacity of the busy rows",
-                                        tag_keys=cores_only)
-        self.queue_size = Gauge("tgi_queue_size", description="Requests waiting for a row", tag_keys=cores_only)
-        self.max_total_tokens = Gauge("tgi_batch_max_total_tokens", description="Token capacity of the static batch",
-                                      tag_keys=cores_only)
-        self.next_size = Histogram("tgi_batch_next_size", description="Rows in a forward pass",
-                                   boundaries=[float(i) for i in range(1, max(limits.max_batch_size, 2) + 1)],
-                                   tag_keys=cores_only)
-        d = lambda name, text: Histogram(name, description=text, boundaries=DURATION_BUCKETS, tag_keys=method)  # noqa: E731
+        gauge = lambda name, text: metrics.Gauge(name, description=text, tag_keys=cores_only)  # noqa: E731
+        self.current_size = gauge("tgi_batch_current_size", "Busy rows of the static batch")
+        self.current_max_tokens = gauge("tgi_batch_current_max_tokens", "Token capacity of the busy rows")
+        # TGI's queue is the ingresses' `tgi_queue_size`, which Serve's queue is part of; this is one batcher's.
+        self.queue_size = gauge("neuron_serve_batcher_queue_size", "Requests this batcher took that wait for a row")
+        self.max_total_tokens = gauge("tgi_batch_max_total_tokens", "Token capacity of the static batch")
+        self.next_size = TgiHistogram("tgi_batch_next_size", "New requests a prefill took in",
+                                   [float(i) for i in range(1, max(limits.max_batch_size, 2) + 1)], cores_only)
+        d = lambda name, text: TgiHistogram(name, text, DURATION_BUCKETS, method)  # noqa: E731
         self.inference_duration = d("tgi_batch_inference_duration", "Whole step: forward, sampling, detokenizing (s)")
         self.forward_duration = d("tgi_batch_forward_duration", "Backend forward pass (s)")
         self.decode_duration = d("tgi_batch_decode_duration", "Sampling, detokenizing and stopping (s)")
+        self.filter_duration = d("tgi_batch_filter_duration", "Handing the step's tokens to their requests (s)")
+        # TGI labels it `decode` wherever it happens: the running batch's pause to take new requests in.
         self.concat_duration = d("tgi_batch_concat_duration", "Prefill that inserted into a running batch (s)")
-        self.time_to_first_token = Histogram(
+        # Not on TGI's page, and observed per token: plain Ray histograms.
+        self.time_to_first_token = metrics.Histogram(
             "neuron_serve_time_to_first_token", description="From the request reaching the replica to its first token (s)",
             boundaries=DURATION_BUCKETS, tag_keys=cores_only)
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = metrics.Histogram(
             "neuron_serve_inter_token_latency", description="Between two hand-overs of a request's tokens, per token (s)",
             boundaries=DURATION_BUCKETS, tag_keys=cores_only)
         self.limits = limits
         for metric in (self.inference_count, self.inference_success, self.inference_failure, self.concat,
                        self.current_size, self.current_max_tokens, self.queue_size, self.max_total_tokens,
                        self.next_size, self.inference_duration, self.forward_duration, self.decode_duration,
-                       self.concat_duration, self.time_to_first_token, self.inter_token_latency):
+                       self.filter_duration, self.concat_duration, self.time_to_first_token, self.inter_token_latency):
             metric.set_default_tags({"cores": cores})
 
     def gauges(self, active: int, waiting: int) -> None:
@@ -128,13 +174,15 @@ class BatcherMetrics:
         tags = {"method": step.kind}
         self.inference_count.inc(tags=tags)
         (self.inference_failure if step.failed else self.inference_success).inc(tags=tags)
-        self.next_size.observe(step.rows)
         self.inference_duration.observe(step.total_s, tags=tags)
         self.forward_duration.observe(step.forward_s, tags=tags)
         self.decode_duration.observe(step.total_s - step.forward_s, tags=tags)
-        if step.kind == "prefill" and step.active > step.inserted:
-            self.concat.inc(tags={"reason": self.insertion})
-            self.concat_duration.observe(step.total_s, tags=tags)
+        self.filter_duration.observe(step.filter_s, tags=tags)
+        if step.inserted:
+            self.next_size.observe(step.inserted)
+        if step.concat is not None:
+            self.concat.inc(tags={"reason": step.concat})
+            self.concat_duration.observe(step.total_s, tags={"method": "decode"})
         self.gauges(step.active, step.waiting)
 
     def delivered(self, seconds: float, tokens: int, first: bool) -> None:
@@ -174,18 +222,22 @@ async def scrape_cluster(timeout: float = 5.0) -> list[str]:
 
 
 def tgi_metrics_text(pages: list[str], application: str | None = None) -> str:
-    """Sum one application's `ray_tgi_*` series over replicas and nodes; print them under TGI's names."""
+    """Sum one application's `ray_tgi_*` series over replicas and nodes; print them under TGI's names,
+    each histogram's `_sum` from its exact-sum counter."""
     from prometheus_client.parser import text_string_to_metric_families
 
     kinds: dict[str, str] = {}
     helps: dict[str, str] = {}
     values: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+    exact_sums: dict[tuple, float] = defaultdict(float)  # (histogram's `_sum` sample name, labels) -> total
     for page in pages:
         for family in text_string_to_metric_families(page):
             if not family.name.startswith(PREFIX):
                 continue
             name = family.name[len("ray_"):]
-            kinds[name], helps[name] = family.type, family.documentation
+            exact = name.endswith(EXACT_SUM)
+            if not exact:
+                kinds[name], helps[name] = family.type, family.documentation
             for sample in family.samples:
                 if application is not None and sample.labels.get("application") != application:
                     continue
@@ -195,13 +247,21 @@ def tgi_metrics_text(pages: list[str], application: str | None = None) -> str:
                 if sample_name.endswith("_created"):
                     continue
                 labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k in TGI_LABELS))
-                values[name][(sample_name, labels)] += sample.value
+                if exact:
+                    exact_sums[(name[: -len(EXACT_SUM)] + "_sum", labels)] += sample.value
+                else:
+                    values[name][(sample_name, labels)] += sample.value
+    for name, kind in kinds.items():
+        if kind == "histogram":
+            for key in values[name]:
+                if key[0] == name + "_sum":  # no counter: nothing above zero was observed
+                    values[name][key] = exact_sums.get(key, 0.0)
     lines = []
     for name in sorted(values):
         lines.append(f"# HELP {name} {helps[name]}")
         lines.append(f"# TYPE {name} {kinds[name]}")
         for (sample_name, labels), value in sorted(values[name].items(), key=lambda kv: _sample_order(kv[0])):
-            label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+            label_text = ",".join(f'{k}="{_le(v) if k == "le" else v}"' for k, v in labels)
             lines.append(f"{sample_name}{{{label_text}}} {_number(value)}" if label_text else f"{sample_name} {_number(value)}")
     return "\n".join(lines) + "\n"
 
@@ -211,6 +271,11 @@ def _sample_order(key: tuple) -> tuple:
     le = dict(labels).get("le")
     bound = float("inf") if le in (None, "+Inf") else float(le)
     return (sample_name, tuple((k, v) for k, v in labels if k != "le"), bound)
+
+
+def _le(bound: str) -> str:
+    """A bucket's bound as TGI's exporter writes it (Rust's shortest form: `1`, `0.00015`)."""
+    return bound if bound == "+Inf" else _number(float(bound))
 
 
 def _number(value: float) -> str:

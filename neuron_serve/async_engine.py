@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from .engine import Engine, StepStats
@@ -142,6 +143,7 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
 
     def _dispatch(self, events: list[Event], stats: StepStats | None) -> None:
+        started = time.perf_counter()
         for event in events:
             stream = self._streams.get(event.request_id)
             if stream is None:  # its caller is gone
@@ -155,6 +157,7 @@ class AsyncEngine:
                     stream.done.set_exception(e)
                 self.cancel(event.request_id)
         if stats is not None and self.on_step is not None:
+            stats.filter_s = time.perf_counter() - started
             # Behind whatever the deliveries scheduled (the loop runs its callbacks in order), so that
             # the step's tokens go out before its metrics are recorded.
             self._loop.call_soon(self._record, stats)

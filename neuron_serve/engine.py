@@ -43,6 +43,8 @@ class StepStats:
     active: int  # rows busy after the step
     waiting: int  # requests queued after the step
     failed: bool
+    concat: str | None = None  # a prefill into a running batch: why (`StepPlan.concat`)
+    filter_s: float = 0.0  # handing the step's events to their requests (set by whoever does that)
 
 
 class Engine:
@@ -141,6 +143,7 @@ class Engine:
             active=len(self.batch.active()),
             waiting=len(self.waiting),
             failed=failed,
+            concat=plan.concat,
         )
 
     def _take_inbox(self) -> list[Event]:

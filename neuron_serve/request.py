@@ -60,7 +60,8 @@ class Finish:
     generated_text: str  # tokenizer.decode(generated ids but EOS, skip_special_tokens=True)
     generated_tokens: int
     seed: int | None  # the sampling seed, None for greedy
-    queue_time: float  # seconds from submission to the prefill that took the request in
+    queue_time: float  # seconds from submission to the prefill that took the request in (the ingress's
+    # copy counts from its call to Serve, so that Serve's queue is in it too)
     inference_time: float  # seconds from that prefill to the last token
 
 

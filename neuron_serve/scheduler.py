@@ -38,6 +38,9 @@ class StepPlan:
     rebuild: list[Slot] = field(default_factory=list)
     # Active slots that get one token this step (empty on a prefill step).
     decode: list[Slot] = field(default_factory=list)
+    # Why a prefill joins a running batch, in TGI's words (`tgi_batch_concat{reason}`): enough requests
+    # wait (`backpressure`), or one has waited `max_waiting_tokens` steps (`wait_exceeded`). None otherwise.
+    concat: str | None = None
 
     @property
     def is_prefill(self) -> bool:
@@ -56,9 +59,12 @@ class PrefillPolicy:
     def should_prefill(self, insertable: int, running: int, steps_since_prefill: int) -> bool:
         if insertable == 0:
             return False
-        if running == 0 or steps_since_prefill >= self.max_waiting_tokens:
+        if running == 0 or self.wait_exceeded(steps_since_prefill):
             return True
         return insertable >= self.waiting_served_ratio * running
+
+    def wait_exceeded(self, steps_since_prefill: int) -> bool:
+        return steps_since_prefill >= self.max_waiting_tokens
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,11 @@ class Scheduler:
         insertable = min(len(waiting), len(free))
         if self.prefill_policy.should_prefill(insertable, len(active), self.steps_since_prefill):
             admit = self._admit(waiting, free)
+            concat = None
+            if active:
+                concat = "wait_exceeded" if self.prefill_policy.wait_exceeded(self.steps_since_prefill) else "backpressure"
             self.steps_since_prefill = 0
-            return StepPlan(admit=admit, rebuild=self.insertion.rows_to_rebuild(active))
+            return StepPlan(admit=admit, rebuild=self.insertion.rows_to_rebuild(active), concat=concat)
         if active:
             self.steps_since_prefill += 1
             return StepPlan(decode=active)

@@ -92,3 +92,19 @@ def test_waiting_served_ratio_delays_insertion_until_max_waiting_tokens(scripted
     run(engine, {0: [request("a", [1], 30)], 1: [request("b", [2], 3)]})
     kinds = [c[0] for c in backend.calls]
     assert kinds[:7] == ["prefill", "decode", "decode", "decode", "decode", "decode", "prefill"]
+
+
+def test_a_prefill_into_a_running_batch_says_why_in_tgis_words(scripted):
+    """`tgi_batch_concat{reason}`: a new batch is no concatenation; enough waiting requests is TGI's
+    `backpressure`, a request that waited `max_waiting_tokens` steps its `wait_exceeded`."""
+    engine, _ = scripted("insert", waiting_served_ratio=1.0, max_waiting_tokens=3)
+    reasons = []
+    for step, arrivals in enumerate([[request("a", [1], 30)], [request("b", [2], 30)], [request("c", [3], 30)],
+                                     [], [], []]):
+        for r in arrivals:
+            engine.submit(r)
+        engine.step()
+        if engine.last_step.kind == "prefill":
+            reasons.append((step, engine.last_step.concat))
+    # b goes in at once (1 waiting >= 1.0 x 1 running); c (1 < 1.0 x 2) waits 3 decode steps.
+    assert reasons == [(0, None), (1, "backpressure"), (5, "wait_exceeded")]

@@ -178,3 +178,57 @@ def test_a_failed_prompt_of_a_completions_batch_stops_the_others(narrow):
     time.sleep(1.0)  # the long prompt alone would take ~5 s
     assert all_rows_free(narrow), replicas(narrow)
 
+
+def metric(url: str, name: str) -> float | None:
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None
+
+
+def test_under_saturation_the_queue_is_counted_and_health_stays_up(fleet):
+    """Two batchers of 4 rows take 8 requests each (4 running, 4 in their own queue); Serve holds the
+    rest. TGI's queue gauge and queue time count those too, as TGI's router queue would hold them. And
+    /health stays 200: a batcher with all the requests it takes holds a probe as well, so the tokens
+    flowing through the ingress are the proof."""
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            started: set[int] = set()  # the streams that have a token
+            streams = [asyncio.create_task(stream(client, fleet, body(1000), on_token=lambda r, i=i: started.add(i)))
+                       for i in range(28)]  # 8 rows busy for ~17 s, at most 8 in the batchers' queues
+            await asyncio.sleep(2)
+            health = await client.get(f"{fleet}/health")
+            # Every stream with no token yet, wherever it waits (Ray exports every 10 s).
+            queued = await asyncio.to_thread(
+                wait_until, lambda: metric(fleet, "tgi_queue_size") == 28 - len(started) and 28 - len(started),
+                30, interval=1, what="tgi_queue_size = the streams with no token yet")
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            return health, queued
+
+    health, queued = run(scenario())
+    assert health.status_code == 200 and queued >= 20  # more than the batchers hold: Serve's queue is in it
+    wait_until(lambda: all_rows_free(fleet), 60, what="every row free")
+
+    # A request that waited in Serve's queue: its x-queue-time counts that wait too.
+    async def late_request():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            # 20 streams of 300 tokens ahead of it (~4 s a wave of 8): more than the batchers take.
+            running = [asyncio.create_task(stream(client, fleet, body(300))) for _ in range(20)]
+            await asyncio.sleep(1)
+            r = await client.post(f"{fleet}/generate", json=body(5))  # waits in Serve's queue, then a batcher's
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            return r
+
+    r = run(late_request())
+    assert r.status_code == 200, r.text
+    total, validation, queue, inference = (
+        int(r.headers[f"x-{h}-time"]) for h in ("total", "validation", "queue", "inference"))
+    # Two waves or more before its prefill, all of it queue time: what is left is hops of a few ms (the
+    # engine's queue alone would leave its wait in Serve's queue out).
+    assert queue > 5000 and 0 <= total - validation - queue - inference < 1000, r.headers
+    wait_until(lambda: all_rows_free(fleet), 60, what="every row free again")

@@ -132,3 +132,13 @@ def test_a_request_that_waits_while_its_app_lives_keeps_waiting(monkeypatch):
     deletion = Deletion(False)
     assert [e.index for e in collect(Handle([slow]), deletion)] == [1, 2]
     assert deletion.asked >= 3 and not slow.cancelled
+
+
+def test_queue_time_counts_the_wait_in_serves_queue():
+    """Serve holds a request while every batcher has `max_ongoing_requests` in hand (here 0.3 s before
+    the call starts); as in TGI's router queue, that wait is queue time, and the engine's inference time
+    is left as the engine measured it."""
+    queued = Response([[token(1)], [token(2, last=True)]], delay_s=0.3)
+    events = collect(Handle([queued]))
+    finish = events[-1].finish
+    assert finish.inference_time == 0.0 and 0.3 <= finish.queue_time < 5.0

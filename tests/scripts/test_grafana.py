@@ -2,7 +2,8 @@
 
 The declared names come from metrics.py's source (no Ray needed) and are mapped to what Ray's
 Prometheus export calls them: `ray_<name>`, counters with `_total` (Ray's OpenTelemetry exporter,
-the default, writes them as Prometheus counters), histograms as `_bucket`, `_sum` and `_count`.
+the default, writes them as Prometheus counters), histograms as `_bucket`, `_sum` and `_count`, and
+a `TgiHistogram` also as its exact-sum counter, `<name>_exact_sum_total`.
 Renaming a metric without updating the dashboard fails here.
 """
 
@@ -19,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_PATH = ROOT / "deployments" / "grafana" / "neuron-serve.json"
 METRICS_PATH = ROOT / "deployments" / "metrics.py"
-METRIC_KINDS = {"Counter", "Gauge", "Histogram"}
+METRIC_KINDS = {"Counter", "Gauge", "Histogram", "TgiHistogram"}
 SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{")  # a metric name with its label matchers
 RAY_NAME = re.compile(r"\bray_[A-Za-z0-9_:]+")
 
@@ -50,7 +51,9 @@ def declared_metrics() -> dict[str, str]:
 
 
 def exported_names(declared: dict[str, str]) -> set[str]:
-    suffixes = {"Counter": ["_total"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count"]}
+    histogram = ["_bucket", "_sum", "_count"]
+    suffixes = {"Counter": ["_total"], "Gauge": [""], "Histogram": histogram,
+                "TgiHistogram": histogram + ["_exact_sum_total"]}
     return {f"ray_{name}{suffix}" for name, kind in declared.items() for suffix in suffixes[kind]}
 
 
@@ -77,7 +80,7 @@ def test_declared_names_are_found():
     declared = declared_metrics()
     assert declared["tgi_request_failure"] == "Counter"
     assert declared["tgi_queue_size"] == "Gauge"
-    assert declared["tgi_request_duration"] == "Histogram"  # made through the `d` helper
+    assert declared["tgi_request_duration"] == "TgiHistogram"  # made through the `d` helper
     assert declared["neuron_serve_time_to_first_token"] == declared["neuron_serve_inter_token_latency"] == "Histogram"
     assert all(name.startswith(("tgi_", "neuron_serve_")) for name in declared), sorted(declared)
 
@@ -99,6 +102,53 @@ ray_neuron_serve_time_to_first_token_sum{application="default",cores="0,1"} 0.05
     text = tgi_metrics_text([page], application="default")
     assert "tgi_request_success 2" in text.splitlines()
     assert "neuron_serve" not in text
+
+
+def test_tgi_metrics_page_takes_histogram_sums_from_their_exact_counters():
+    """Ray's `_sum` is rebuilt from bucket midpoints (here 5.12 x 3 + 97.28 for 10, 10, 10 and 100 tokens);
+    the page prints the exact counter's total instead, summed over replicas, and bounds as TGI writes them."""
+    from deployments.metrics import tgi_metrics_text
+
+    page = """# HELP ray_tgi_request_generated_tokens Generated tokens
+# TYPE ray_tgi_request_generated_tokens histogram
+ray_tgi_request_generated_tokens_bucket{application="default",replica="r1",le="10.24"} 3.0
+ray_tgi_request_generated_tokens_bucket{application="default",replica="r1",le="102.4"} 4.0
+ray_tgi_request_generated_tokens_bucket{application="default",replica="r1",le="+Inf"} 4.0
+ray_tgi_request_generated_tokens_count{application="default",replica="r1"} 4.0
+ray_tgi_request_generated_tokens_sum{application="default",replica="r1"} 112.64
+ray_tgi_request_generated_tokens_bucket{application="default",replica="r2",le="10.24"} 1.0
+ray_tgi_request_generated_tokens_bucket{application="default",replica="r2",le="102.4"} 1.0
+ray_tgi_request_generated_tokens_bucket{application="default",replica="r2",le="+Inf"} 1.0
+ray_tgi_request_generated_tokens_count{application="default",replica="r2"} 1.0
+ray_tgi_request_generated_tokens_sum{application="default",replica="r2"} 5.12
+# HELP ray_tgi_request_generated_tokens_exact_sum_total Generated tokens: the sum of the values
+# TYPE ray_tgi_request_generated_tokens_exact_sum_total counter
+ray_tgi_request_generated_tokens_exact_sum_total{application="default",replica="r1"} 130.0
+ray_tgi_request_generated_tokens_exact_sum_total{application="default",replica="r2"} 7.0
+# HELP ray_tgi_batch_next_size New requests a prefill took in
+# TYPE ray_tgi_batch_next_size histogram
+ray_tgi_batch_next_size_bucket{application="default",replica="r1",le="1.0"} 0.0
+ray_tgi_batch_next_size_bucket{application="default",replica="r1",le="+Inf"} 0.0
+ray_tgi_batch_next_size_count{application="default",replica="r1"} 0.0
+ray_tgi_batch_next_size_sum{application="default",replica="r1"} 0.0
+"""
+    lines = tgi_metrics_text([page], application="default").splitlines()
+    assert "tgi_request_generated_tokens_sum 137" in lines
+    assert "tgi_request_generated_tokens_count 5" in lines
+    assert 'tgi_request_generated_tokens_bucket{le="10.24"} 4' in lines
+    assert 'tgi_batch_next_size_bucket{le="1"} 0' in lines  # Rust writes 1.0 as `1`
+    assert "tgi_batch_next_size_sum 0" in lines
+    assert not [line for line in lines if "exact" in line]
+
+
+def test_duration_buckets_are_tgis_to_the_last_bit():
+    """`router/src/server.rs`: `value = 0.0001`, then `value *= 1.5` 35 times; TGI's page shows each
+    in Rust's shortest form, which is Python's repr."""
+    from deployments.metrics import DURATION_BUCKETS, _le
+
+    assert len(DURATION_BUCKETS) == 35
+    assert [_le(repr(b)) for b in DURATION_BUCKETS[:3]] == ["0.00015000000000000001", "0.00022500000000000002", "0.0003375"]
+    assert _le(repr(DURATION_BUCKETS[-1])) == "145.61096060497135"
 
 
 def test_dashboard_shape(dashboard):
@@ -140,7 +190,7 @@ def test_selectors_filter_on_the_template_variables(dashboard):
 
 
 @pytest.mark.parametrize("topic, metric", [
-    ("throughput", "ray_tgi_request_generated_tokens_sum"),
+    ("throughput", "ray_tgi_request_generated_tokens_exact_sum_total"),
     ("occupancy", "ray_tgi_batch_current_max_tokens"),
     ("first token", "ray_neuron_serve_time_to_first_token_bucket"),
     ("inter-token", "ray_neuron_serve_inter_token_latency_bucket"),

@@ -83,6 +83,34 @@ def test_metrics_expose_tgi_names_aggregated_over_replicas(app, cluster):
     assert 'cores="0,1"' in ray_page and 'cores="2,3"' in ray_page and "ray_tgi_batch_current_size" in ray_page
 
 
+def test_metrics_sums_are_exact_and_bucket_bounds_are_tgis(cluster):
+    """Ray rebuilds each histogram's `_sum` from its bucket midpoints (1 token would count as 1.28 here);
+    /metrics prints the exact totals, and writes bucket bounds as TGI does."""
+    url = cluster.deploy("sums", {**SIDE_ARGS, "num_replicas": 1})
+    try:
+        generated = prompt = 0
+        for max_new_tokens, text in [(1, "Hi"), (3, "Hello there"), (7, "Once upon a time")]:
+            r = httpx.post(f"{url}/generate", json={"inputs": text, "parameters": {"max_new_tokens": max_new_tokens}},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            generated += int(r.headers["x-generated-tokens"])
+            prompt += int(r.headers["x-prompt-tokens"])
+        wanted = ["tgi_request_count 3", f"tgi_request_generated_tokens_sum {generated}",
+                  f"tgi_request_input_length_sum {prompt}", "tgi_request_max_new_tokens_sum 11"]
+        deadline = time.monotonic() + 60
+        while True:
+            lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+            if all(w in lines for w in wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert [w for w in wanted if w not in lines] == [], [line for line in lines if "_sum" in line]
+        # TGI's first duration bound, 0.0001 x 1.5, in Rust's shortest form.
+        assert any(line.startswith('tgi_request_duration_bucket{le="0.00015000000000000001"}') for line in lines)
+        assert not [line for line in lines if "exact" in line]
+    finally:
+        cluster.delete("sums")
+
+
 def test_an_idle_replica_keeps_reporting_its_batch(cluster):
     """Gauges as TGI shows them at any time: an idle batch is 0 rows busy, 0 queued, and its capacity.
     Ray's agent drops a gauge not set again within two exports (20 s), and an idle replica steps no more."""
