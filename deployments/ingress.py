@@ -73,10 +73,17 @@ class BatcherSource:
         self.inbox = inbox
         self.app_deleting = app_deleting
         self.queued: set[str] = set()  # requests with no event yet (`tgi_queue_size`)
+        self.in_flight = 0  # requests streaming, or waiting for their first event
         self.last_token_at = float("-inf")  # when a token last came, unless a generation failed since (`/health`)
+
+    @property
+    def generating(self) -> bool:
+        """A batcher produced a token lately, no generation failed since, and a request is still generating."""
+        return self.in_flight > len(self.queued) and time.monotonic() - self.last_token_at < RECENT_TOKEN_S
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         self.queued.add(request.id)
+        self.in_flight += 1
         try:
             async with contextlib.aclosing(self._attempts(request)) as handovers:
                 async for events in handovers:
@@ -88,6 +95,7 @@ class BatcherSource:
                     yield events
         finally:
             self.queued.discard(request.id)
+            self.in_flight -= 1
 
     async def _attempts(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         reply_to = await self.inbox.address()
@@ -215,11 +223,11 @@ class Ingress:
             return []
 
     async def health(self) -> bool:
-        """200 once a batcher replica produces a token (503 while they load, or when none can). Tokens that
-        came here lately, with no failed generation since, are proof enough, and the only proof under load:
-        a batcher with `max_ongoing_requests` in hand holds every call, a probe too, until one of its
+        """200 once a batcher replica produces a token (503 while they load, or when none can). Requests
+        generating here are proof enough (`BatcherSource.generating`), and the only proof under load: a
+        batcher with `max_ongoing_requests` in hand holds every call, a probe too, until one of its
         requests ends."""
-        if time.monotonic() - self.source.last_token_at < RECENT_TOKEN_S:
+        if self.source.generating:
             return True
         results = await self._replicas("probe", self.config.health_probe_timeout_s)
         return any(r is True for r in results)

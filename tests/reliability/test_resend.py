@@ -142,3 +142,19 @@ def test_queue_time_counts_the_wait_in_serves_queue():
     events = collect(Handle([queued]))
     finish = events[-1].finish
     assert finish.inference_time == 0.0 and 0.3 <= finish.queue_time < 5.0
+
+
+def test_generating_is_a_request_with_tokens_in_flight_and_no_failure_since():
+    """What `/health` trusts without asking the batchers: not a token seen once, not after the request
+    ended (its batcher may be gone), not after a generation failed."""
+    def watch(response) -> tuple[list[bool], bool]:
+        async def go():
+            handle = Handle([response])
+            source = BatcherSource(handle, handle.inbox, Deletion(False))
+            during = [source.generating async for _ in source.stream(REQUEST)]
+            return during, source.generating
+
+        return asyncio.run(go())
+
+    assert watch(Response([[token(1)], [token(2, last=True)]])) == ([True, True], False)
+    assert watch(Response([[token(1)]], ActorDiedError())) == ([True, False], False)
