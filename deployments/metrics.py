@@ -5,8 +5,9 @@ Both deployments record with `ray.serve.metrics`, so every series reaches Ray's 
 label carrying each batcher's NeuronCore group) and the Ray dashboard. The ingress's `/metrics`
 then serves them as TGI does: it reads every node's Ray metrics page, keeps the `ray_tgi_*` series,
 drops the per-replica labels, sums across replicas, and prints TGI's exact names and buckets. Series
-TGI does not have (time to first token, inter-token latency) are named `neuron_serve_*`, so they stay
-out of that page and appear only in Ray's export, for the Grafana dashboard in `deployments/grafana/`.
+TGI does not have (time to first token, inter-token latency, each batcher's own queue) are named
+`neuron_serve_*`, so they stay out of that page and appear only in Ray's export, for the Grafana
+dashboard in `deployments/grafana/`.
 
 Ray's agent rebuilds each histogram from its bucket counts, every value at its bucket's midpoint
 (Ray 2.60, `OpenTelemetryMetricRecorder.record_histogram_aggregated_batch`), so a `ray_*_sum` is an
