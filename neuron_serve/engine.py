@@ -71,7 +71,7 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)  # TGI's `special`: EOS ids outside it are not
         self.batch = StaticBatch(limits.max_batch_size)
-        self.scheduler = Scheduler(prefill_policy, insertion, limits.max_batch_prefill_tokens)
+        self.scheduler = Scheduler(prefill_policy, insertion, limits.max_batch_prefill_tokens, backend.max_prefill_tokens)
         self.waiting: deque[WaitingRequest] = deque()
         self._lock = threading.Lock()
         self._inbox: list[WaitingRequest] = []

@@ -8,7 +8,9 @@ policies shape it:
   a request has waited `max_waiting_tokens` decode steps.
 - `InsertionPolicy`, which rows a prefill writes: `insert` only the new ones (their rows' KV cache is
   written, the others' is untouched); `rebuild` also re-prefills every active row from its token ids,
-  as the seed neuronx-tgi image did, and as a whole-batch compiled Neuron model requires.
+  as the seed neuronx-tgi image did, and as a whole-batch compiled Neuron model requires. A row
+  longer than a prefill takes (the compiled `max_context_length`) cannot be rebuilt: new requests
+  wait until it ends.
 
 New requests are admitted first come, first served, while rows are free and their prompts fit in
 `max_batch_prefill_tokens`.
@@ -76,10 +78,12 @@ class InsertionPolicy:
 
 
 class Scheduler:
-    def __init__(self, prefill_policy: PrefillPolicy, insertion: InsertionPolicy, max_batch_prefill_tokens: int):
+    def __init__(self, prefill_policy: PrefillPolicy, insertion: InsertionPolicy, max_batch_prefill_tokens: int,
+                 max_prefill_tokens: int):
         self.prefill_policy = prefill_policy
         self.insertion = insertion
         self.max_batch_prefill_tokens = max_batch_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # the longest row a prefill takes (`Backend`)
         self.steps_since_prefill = 0
 
     def schedule(self, waiting: deque[WaitingRequest], batch: StaticBatch) -> StepPlan:
@@ -87,17 +91,24 @@ class Scheduler:
         active = batch.active()
         free = batch.free_rows()
         insertable = min(len(waiting), len(free))
-        if self.prefill_policy.should_prefill(insertable, len(active), self.steps_since_prefill):
+        rebuild = self.insertion.rows_to_rebuild(active)
+        if self.prefill_policy.should_prefill(insertable, len(active), self.steps_since_prefill) and self._fits(rebuild):
             admit = self._admit(waiting, free)
             concat = None
             if active:
                 concat = "wait_exceeded" if self.prefill_policy.wait_exceeded(self.steps_since_prefill) else "backpressure"
             self.steps_since_prefill = 0
-            return StepPlan(admit=admit, rebuild=self.insertion.rows_to_rebuild(active), concat=concat)
+            return StepPlan(admit=admit, rebuild=rebuild, concat=concat)
         if active:
             self.steps_since_prefill += 1
             return StepPlan(decode=active)
         return StepPlan()
+
+    def _fits(self, rebuild: list[Slot]) -> bool:
+        """Whether a prefill can rebuild these rows (all but each one's pending token). A whole-batch Neuron
+        model compiled with `max_context_length` < `sequence_length` cannot rebuild a row grown past it:
+        new requests then wait until such rows end, rather than fail with the batch."""
+        return all(len(slot.token_ids) - 1 <= self.max_prefill_tokens for slot in rebuild)
 
     def _admit(self, waiting: deque[WaitingRequest], free_rows: list[int]) -> list[tuple[WaitingRequest, int]]:
         admitted: list[tuple[WaitingRequest, int]] = []

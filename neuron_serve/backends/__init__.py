@@ -38,6 +38,7 @@ class PrefillOutput:
 class Backend(Protocol):
     batch_size: int  # rows of the static batch (KV-cache rows)
     max_tokens: int  # positions per row (max_total_tokens)
+    max_prefill_tokens: int  # the longest row a prefill takes (Neuron: the compiled max_context_length)
     vocab_size: int
     prefills_subset: bool  # a prefill may name only some rows, leaving the others' KV cache as it is
     description: str  # one line for logs and /info, e.g. "torch cpu float32"

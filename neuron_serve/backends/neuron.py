@@ -57,7 +57,7 @@ class NeuronBackend:
         self.model = model
         self.batch_size = nc.batch_size
         self.max_tokens = nc.sequence_length
-        self.max_context = nc.max_context_length or nc.sequence_length
+        self.max_prefill_tokens = nc.max_context_length or nc.sequence_length
         self.vocab_size = vocab_size
         self.prefills_subset = bool(nc.continuous_batching)
         self.on_device_sampling = bool(nc.on_device_sampling)
@@ -80,15 +80,15 @@ class NeuronBackend:
         prompt_logprobs: bool = False,
         sampling: Sequence[SamplingParams] | None = None,
     ) -> PrefillOutput:
-        too_long = [len(ids) for ids in token_ids if len(ids) > self.max_context]
+        too_long = [len(ids) for ids in token_ids if len(ids) > self.max_prefill_tokens]
         if too_long:
-            raise ValueError(f"a prompt of {max(too_long)} tokens exceeds the compiled max_context_length {self.max_context}")
+            raise ValueError(f"a prompt of {max(too_long)} tokens exceeds the compiled max_context_length {self.max_prefill_tokens}")
         order = self._call_order(rows)
         by_row = dict(zip(rows, token_ids))
         params = dict(zip(rows, sampling or [None] * len(rows)))
-        # [n, max_context]: right-padded ids; positions 0..len-1 then 0, so the first maximum is the last token.
-        input_ids = torch.full((len(order), self.max_context), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((len(order), self.max_context), dtype=torch.long)
+        # [n, max_context_length]: right-padded ids; positions 0..len-1 then 0, so the first maximum is the last token.
+        input_ids = torch.full((len(order), self.max_prefill_tokens), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(order), self.max_prefill_tokens), dtype=torch.long)
         for i, row in enumerate(order):
             ids = by_row.get(row, [self.pad_token_id])
             input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)

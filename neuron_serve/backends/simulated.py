@@ -78,7 +78,7 @@ class SimulatedBackend:
     def __init__(self, batch_size: int, max_tokens: int, vocab_size: int, timing: Inf2Timing,
                  avoid_ids: AbstractSet[int] = frozenset(), sleep=time.sleep):
         self.batch_size = batch_size
-        self.max_tokens = max_tokens
+        self.max_tokens = self.max_prefill_tokens = max_tokens
         self.vocab_size = vocab_size
         self.timing = timing
         self.sleep = sleep

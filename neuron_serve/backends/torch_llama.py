@@ -137,7 +137,7 @@ class TorchBackend:
                 f"<= the model's sliding_window ({config.sliding_window})"
             )
         self.batch_size = batch_size
-        self.max_tokens = max_tokens
+        self.max_tokens = self.max_prefill_tokens = max_tokens
         self.vocab_size = config.vocab_size
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)

@@ -105,6 +105,21 @@ def test_greedy_equals_transformers_with_late_insertions(tiny_model_dir, tokeniz
         assert all(rows == [0, 1, 2, 3] for rows in prefills)
 
 
+def test_a_row_past_the_compiled_context_is_not_rebuilt_and_newcomers_wait_for_it(tiny_model_dir, tokenizer, reference,
+                                                                                     tmp_path):
+    """A whole-batch model compiled with max_context_length 32 < sequence_length 128 cannot rebuild a row of
+    40 tokens: the request that arrives then waits for that row to end, and both come out right."""
+    compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=2, sequence_length=128,
+                               continuous_batching=False, max_context_length=32)
+    engine = neuron_engine(neuron_config(compiled, tmp_path, max_input_tokens=32))
+    long, late = tokenizer(PROMPTS[0]).input_ids, tokenizer(PROMPTS[3]).input_ids
+    events = run(engine, {0: [request("long", long, 60)], 40: [request("late", late, 10)]})
+    assert token_ids(events["long"]) == reference(long, 60)
+    assert token_ids(events["late"]) == reference(late, 10)
+    prefills = [rows for graph, rows in engine.backend.model.calls if graph == "context_encoding"]
+    assert len(prefills) == 2  # the late one's waited until the long one ended: no rebuild of it
+
+
 def test_on_device_sampling_is_used_for_greedy(tiny_model_dir, tokenizer, reference, tmp_path):
     compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=2, sequence_length=128, on_device_sampling=True)
     engine = neuron_engine(neuron_config(compiled, tmp_path))

@@ -19,7 +19,7 @@ VOCAB = 50
 class ScriptedBackend:
     """Next token = last token + 1 (mod VOCAB); records every call."""
 
-    batch_size, max_tokens, vocab_size, prefills_subset, description = 4, 1024, VOCAB, True, "scripted"
+    batch_size, max_tokens, max_prefill_tokens, vocab_size, prefills_subset, description = 4, 1024, 1024, VOCAB, True, "scripted"
 
     def __init__(self):
         self.calls = []
@@ -68,7 +68,7 @@ def test_rebuild_reprefills_every_active_row_from_its_token_ids(scripted):
 
 
 def test_prefill_budget_and_free_rows_bound_admission():
-    scheduler = Scheduler(PrefillPolicy(), InsertionPolicy("insert"), max_batch_prefill_tokens=10)
+    scheduler = Scheduler(PrefillPolicy(), InsertionPolicy("insert"), max_batch_prefill_tokens=10, max_prefill_tokens=64)
     waiting = deque(WaitingRequest(request(i, [1] * 4), 0.0) for i in range(6))
     plan = scheduler.schedule(waiting, StaticBatch(4))
     assert [(w.request.id, row) for w, row in plan.admit] == [("0", 0), ("1", 1)]  # 4 + 4 <= 10 < 12
