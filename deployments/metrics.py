@@ -141,7 +141,7 @@ class BatcherMetrics:
         self.queue_size = gauge("neuron_serve_batcher_queue_size", "Requests this batcher took that wait for a row")
         self.max_total_tokens = gauge("tgi_batch_max_total_tokens", "Token capacity of the static batch")
         self.next_size = TgiHistogram("tgi_batch_next_size", "New requests a prefill took in",
-                                   [float(i) for i in range(1, max(limits.max_batch_size, 2) + 1)], cores_only)
+                                      [float(i) for i in range(1, max(limits.max_batch_size, 2) + 1)], cores_only)
         d = lambda name, text: TgiHistogram(name, text, DURATION_BUCKETS, method)  # noqa: E731
         self.inference_duration = d("tgi_batch_inference_duration", "Whole step: forward, sampling, detokenizing (s)")
         self.forward_duration = d("tgi_batch_forward_duration", "Backend forward pass (s)")
