@@ -91,14 +91,14 @@ class Scheduler:
         active = batch.active()
         free = batch.free_rows()
         insertable = min(len(waiting), len(free))
-        rebuild = self.insertion.rows_to_rebuild(active)
-        if self.prefill_policy.should_prefill(insertable, len(active), self.steps_since_prefill) and self._fits(rebuild):
-            admit = self._admit(waiting, free)
-            concat = None
-            if active:
-                concat = "wait_exceeded" if self.prefill_policy.wait_exceeded(self.steps_since_prefill) else "backpressure"
-            self.steps_since_prefill = 0
-            return StepPlan(admit=admit, rebuild=rebuild, concat=concat)
+        if self.prefill_policy.should_prefill(insertable, len(active), self.steps_since_prefill):
+            rebuild = self.insertion.rows_to_rebuild(active)
+            if self._fits(rebuild):
+                concat = None
+                if active:
+                    concat = "wait_exceeded" if self.prefill_policy.wait_exceeded(self.steps_since_prefill) else "backpressure"
+                self.steps_since_prefill = 0
+                return StepPlan(admit=self._admit(waiting, free), rebuild=rebuild, concat=concat)
         if active:
             self.steps_since_prefill += 1
             return StepPlan(decode=active)
