@@ -15,7 +15,9 @@ KEY = "s3cret-key"
 
 @pytest.fixture(scope="module")
 def guarded(cluster):
-    url = cluster.deploy("guarded", {**SIDE_ARGS, "api_key": KEY, "max_concurrent_requests": 2, "payload_limit": 4096})
+    # 1024 tokens (the tiny model's positions), so that a long stream holds its permit for seconds
+    url = cluster.deploy("guarded", {**SIDE_ARGS, "api_key": KEY, "max_concurrent_requests": 2, "payload_limit": 4096,
+                                     "max_total_tokens": 1024})
     yield url
     cluster.delete("guarded")
 
@@ -66,7 +68,7 @@ def test_best_of_takes_a_permit_per_sequence(guarded):
     one, and a `best_of: 2` request is refused; alone, it is served."""
     best_of = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8, "best_of": 2, "do_sample": True,
                                                             "details": True}}
-    long = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
+    long = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1000}}  # 200 took only 0.35 s here
     with httpx.Client(timeout=60, headers=AUTH) as client:
         with client.stream("POST", f"{guarded}/generate_stream", json=long) as response:
             assert next(line for line in response.iter_lines() if line.startswith("data:"))
