@@ -50,7 +50,8 @@ class NeuronBatcher:
         # Minutes for a compiled model on inf2: off the event loop, bounded by the configured timeout.
         engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)
         self.metrics = BatcherMetrics(engine.limits, self.cores or "none")
-        self.engine = AsyncEngine(engine, on_step=self._on_step, stream_interval=config.stream_interval)
+        self.engine = AsyncEngine(engine, on_step=self._on_step, stream_interval=config.stream_interval,
+                                  step_timeout_s=config.step_timeout_s)
         self.engine.start()
         self.outbox = Outbox()
         self.last_token_at = 0.0
@@ -142,16 +143,19 @@ class NeuronBatcher:
             "healthy": self.engine.healthy,
         }
 
-    async def inject_fault(self, kind: str, times: int) -> None:
-        """Tests only (`fault_injection: true`): the next `times` forwards of `kind` fail in the backend."""
+    async def inject_fault(self, kind: str, times: int, stall_s: float = 0.0) -> None:
+        """Tests only (`fault_injection: true`): the next `times` forwards of `kind` fail in the backend,
+        or with `stall_s` hang that long."""
         if not self.config.fault_injection:
             raise PermissionError("fault injection is off on this replica (`fault_injection: false`)")
-        self.engine.engine.backend.arm(kind, times)
+        self.engine.engine.backend.arm(kind, times, stall_s)
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: a replica whose step loop died or whose backend keeps failing is restarted."""
+        """Ray Serve's health check, which Serve's controller calls past `max_ongoing_requests`: a replica
+        whose step loop died, whose step is stuck, or whose backend keeps failing is replaced."""
         if not self.engine.healthy:
-            raise RuntimeError(f"NeuronBatcher {self.replica} is unhealthy: the engine's backend keeps failing")
+            raise RuntimeError(f"NeuronBatcher {self.replica} is unhealthy: its step loop died, a step ran past "
+                               f"step_timeout_s ({self.config.step_timeout_s} s), or its backend keeps failing")
 
     async def __del__(self) -> None:
         if hasattr(self, "_gauges"):

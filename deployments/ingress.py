@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.schema import ApplicationStatus
+from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, ReplicaState
 
 from neuron_serve import __version__
 from neuron_serve.config import Config
@@ -161,30 +161,42 @@ class BatcherSource:
                     return None
 
 
-class AppDeletion:
-    """Whether this replica's app is being deleted: Serve's controller is asked (`serve.status()`, off the
-    event loop) at most once a `period_s`, never twice at a time, and every waiting request shares the
-    answer."""
+class AppStatus:
+    """This replica's app as Serve's controller sees it. The controller is asked (`serve.status()`, off the
+    event loop) at most once a `period_s`, never twice at a time, and every caller shares the answer."""
 
     def __init__(self, period_s: float):
         self.period_s = period_s
         self._asked_at = 0.0
         self._answer: asyncio.Future | None = None
 
-    async def __call__(self) -> bool:
+    async def deleting(self) -> bool:
+        """The app is being deleted (or is gone). False when the controller cannot be reached: nothing
+        says the app is going."""
+        app = await self._app()
+        return app is not False and (app is None or app.status == ApplicationStatus.DELETING)
+
+    async def batchers_running(self) -> bool:
+        """Serve has a NeuronBatcher replica running: one that passes its health checks (`check_health`),
+        which the controller makes past `max_ongoing_requests`."""
+        app = await self._app()
+        batchers = app.deployments.get("NeuronBatcher") if app else None
+        return batchers is not None and batchers.replica_states.get(ReplicaState.RUNNING, 0) > 0
+
+    async def _app(self) -> ApplicationStatusOverview | None | Literal[False]:
+        """The app's status, None when Serve has no such app, False when the controller cannot be reached."""
         if self._answer is None or (self._answer.done() and time.monotonic() - self._asked_at >= self.period_s):
             self._asked_at = time.monotonic()
             self._answer = asyncio.ensure_future(asyncio.to_thread(self._ask, serve.get_replica_context().app_name))
         return await asyncio.shield(self._answer)
 
     @staticmethod
-    def _ask(app_name: str) -> bool:
+    def _ask(app_name: str) -> ApplicationStatusOverview | None | Literal[False]:
         try:
-            app = serve.status().applications.get(app_name)
-        except Exception as e:  # the controller cannot be reached: nothing says the app is going
+            return serve.status().applications.get(app_name)
+        except Exception as e:
             logger.info("serve.status(): %s: %s", type(e).__name__, e)
             return False
-        return app is None or app.status == ApplicationStatus.DELETING
 
 
 @serve.ingress()
@@ -196,8 +208,8 @@ class Ingress:
         model_dir = resolve_model_dir(config, weights=False)
         self.limits = model_limits(config, model_dir)
         request_metrics = IngressMetrics(self.limits)
-        source = BatcherSource(batcher, Inbox(ray.util.get_node_ip_address()),
-                               AppDeletion(BatcherSource.DELETION_CHECK_S))
+        self.app_status = AppStatus(BatcherSource.DELETION_CHECK_S)
+        source = BatcherSource(batcher, Inbox(ray.util.get_node_ip_address()), self.app_status.deleting)
         self.source = source
         self._queue_gauge = asyncio.create_task(self._keep_queue_gauge(request_metrics, source))
         self.service = TextGeneration(
@@ -215,25 +227,34 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return build_http_app(self.service, self, self.config)
 
-    async def _replicas(self, method: str, timeout: float) -> list[Any]:
+    async def _replicas(self, method: str, timeout: float) -> list[Any] | None:
+        """Every batcher's answer; None when one did not answer in time, [] when there is none."""
         try:
             return await self.batcher.broadcast(method).results_async(timeout_s=timeout, return_exceptions=True)
-        except Exception as e:  # no replica running yet, or none answered in time
+        except TimeoutError:
+            logger.info("broadcast %s: a replica did not answer in %.1f s", method, timeout)
+            return None
+        except Exception as e:  # no replica running yet
             logger.info("broadcast %s: %s: %s", method, type(e).__name__, e)
             return []
 
     async def health(self) -> bool:
-        """200 once a batcher replica produces a token (503 while they load, or when none can). Requests
-        generating here are proof enough (`BatcherSource.generating`), and the only proof under load: a
-        batcher with `max_ongoing_requests` in hand holds every call, a probe too, until one of its
-        requests ends."""
+        """200 once a batcher replica produces a token (503 while they load, or when none can).
+
+        Requests generating here are proof enough (`BatcherSource.generating`). Otherwise every batcher
+        is probed. A batcher with `max_ongoing_requests` in hand (busy with this ingress's requests, or
+        another ingress replica's) holds every call, a probe too, until one of its requests ends; when a
+        probe is held past `health_probe_timeout_s`, Serve's own health checks decide, which reach a
+        replica past that limit and replace one whose step is stuck (`NeuronBatcher.check_health`)."""
         if self.source.generating:
             return True
         results = await self._replicas("probe", self.config.health_probe_timeout_s)
+        if results is None:
+            return await self.app_status.batchers_running()
         return any(r is True for r in results)
 
     async def info(self) -> dict[str, Any]:
-        replicas = [r for r in await self._replicas("status", STATUS_TIMEOUT_S) if isinstance(r, dict)]
+        replicas = [r for r in await self._replicas("status", STATUS_TIMEOUT_S) or () if isinstance(r, dict)]
         limits = self.limits
         return {
             "model_id": self.config.model_id,

@@ -8,7 +8,8 @@ a request's tokens after its first are handed over N at a time (its first token 
 go at once): on a busy host fewer hand-overs buy throughput, at the price of tokens arriving in
 bursts. A caller that stops iterating (client disconnect, task cancellation) cancels its request in
 the engine, which frees its row at the next step. A bug in a step fails the requests in flight and
-the loop keeps going.
+the loop keeps going. A step that runs past `step_timeout_s` (a stalled Neuron runtime) makes the
+engine unhealthy; Ray Serve's health check then replaces the replica.
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ class Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1):
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1,
+                 step_timeout_s: float = float("inf")):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine = engine
         self.on_step = on_step  # called on the event loop after each step's deliveries (for metrics)
         self.stream_interval = stream_interval
+        self.step_timeout_s = step_timeout_s
+        self._step_started_at: float | None = None  # while a step runs
         self._streams: dict[str, Stream] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -86,9 +90,12 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        """The step loop runs, and the backend has not failed its last few forwards in a row."""
+        """The step loop runs, no step has run past `step_timeout_s`, and the backend has not failed its
+        last few forwards in a row."""
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and self.engine.consecutive_failures < BROKEN_AFTER_FAILURES
+        started = self._step_started_at
+        stalled = started is not None and time.monotonic() - started > self.step_timeout_s
+        return alive and not stalled and self.engine.consecutive_failures < BROKEN_AFTER_FAILURES
 
     def open(self, request: GenerationRequest, deliver: Deliver) -> asyncio.Future[Event]:
         """Submits `request`; `deliver` gets its events on the event loop. The future resolves with its
@@ -134,11 +141,14 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             self.engine.last_step = None
+            self._step_started_at = time.monotonic()
             try:
                 events = self.engine.step()
             except Exception as e:  # a bug outside the forward: fail what is in flight, keep serving
                 logger.exception("engine step crashed")
                 events = self.engine.fail_all(e)
+            finally:
+                self._step_started_at = None
             if events or self.engine.last_step:
                 self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
 

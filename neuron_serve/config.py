@@ -113,6 +113,7 @@ class Config(BaseModel):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     health_probe_timeout_s: float = Field(5.0, gt=0, description="/health answers 503 when no replica produced a token by then")
+    step_timeout_s: float = Field(120.0, gt=0, description="a batcher whose engine step runs longer is unhealthy, and replaced")
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="in-flight requests get this long to finish on shutdown")
 
     # neuronx-tgi export settings, used when a hub model is not compiled yet

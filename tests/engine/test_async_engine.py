@@ -144,3 +144,30 @@ def test_a_steps_tokens_go_out_before_its_metrics_are_recorded(tiny_model_dir, t
         engine.stop()
     assert last.finish is not None
     assert order == ["flush", "metrics"] * 6
+
+
+def test_a_step_past_step_timeout_makes_the_engine_unhealthy_until_it_ends(tiny_model_dir, tokenizer, reference):
+    from neuron_serve.backends.faults import FaultInjectingBackend
+
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=2)
+    engine.backend = FaultInjectingBackend(engine.backend)
+    engine.backend.arm("prefill", 1, stall_s=1.0)
+    async_engine = AsyncEngine(engine, step_timeout_s=0.3)
+    prompt = tokenizer("Hello").input_ids
+
+    async def main():
+        async_engine.start()
+        stalled = asyncio.create_task(collect(async_engine, request("stalled", prompt, 4)))
+        await asyncio.sleep(0.1)
+        within = async_engine.healthy
+        await asyncio.sleep(0.5)
+        past = async_engine.healthy
+        events = await stalled
+        return within, past, async_engine.healthy, events
+
+    try:
+        within, past, after, events = asyncio.run(main())
+    finally:
+        async_engine.stop()
+    assert within and not past and after
+    assert [e.token.id for e in events] == reference(prompt, 4)  # the step went on once the stall ended

@@ -39,6 +39,14 @@ def single(cluster):
     cluster.delete("single")
 
 
+@pytest.fixture(scope="module")
+def stalling(cluster):
+    url = cluster.deploy("stalling", {**SIMULATED, "num_replicas": 1, "fault_injection": True, "step_timeout_s": 2,
+                                      "graceful_shutdown_timeout_s": 2})
+    yield url
+    cluster.delete("stalling")
+
+
 def test_replica_killed_mid_stream(pair):
     """Its streams end with one error event; others complete; newcomers are served; it comes back."""
 
@@ -134,6 +142,48 @@ def test_a_backend_broken_for_good_is_reported_and_replaced(single):
     print(f"recovery: a broken backend was replaced {time.monotonic() - broken_at:.1f}s after it broke")
     ok = httpx.post(f"{single}/generate", json=body(10), timeout=60)
     assert ok.status_code == 200 and ok.json()["generated_text"]
+
+
+def test_a_batcher_too_busy_for_the_probe_is_healthy_by_serves_checks(single):
+    """A batcher with all the requests it takes (4 rows, 4 queued) holds the /health probe too. When no
+    request of this ingress is generating (here its 8 wait through a long prefill; with several ingress
+    replicas, another one's requests can fill the batchers), Serve's health checks decide: 200."""
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            await batcher("single").inject_fault.remote("prefill", 1, stall_s=12)
+            streams = [asyncio.create_task(stream(client, single, body(5))) for _ in range(8)]
+            await asyncio.sleep(1)
+            started = time.monotonic()
+            health = await client.get(f"{single}/health")
+            return health, time.monotonic() - started, await asyncio.gather(*streams)
+
+    health, took_s, results = run(scenario())
+    assert health.status_code == 200, health.text
+    assert took_s >= SIMULATED["health_probe_timeout_s"]  # the probe was held, and timed out
+    assert all(r.complete and len(r.tokens) == 5 for r in results), results
+
+
+def test_a_stalled_step_makes_its_batcher_unhealthy_and_it_is_replaced(stalling):
+    """A forward that hangs (a stalled Neuron runtime) past `step_timeout_s`: /health turns 503, Serve's
+    health check replaces the replica, and the request stuck in it, which had no token yet, is sent again
+    to the new one and completes."""
+    [before] = replicas(stalling)
+    batcher("stalling").inject_fault.remote("prefill", 1, stall_s=600).result()
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            stuck = asyncio.create_task(client.post(f"{stalling}/generate", json=body(5)))
+            await asyncio.sleep(3)  # past step_timeout_s
+            health = await client.get(f"{stalling}/health")
+            return health, await stuck
+
+    health, stuck = run(scenario())
+    assert health.status_code == 503
+    assert stuck.status_code == 200 and stuck.json()["generated_text"], stuck.text
+    [after] = replicas(stalling)
+    assert after["replica"] != before["replica"] and after["healthy"]
+    assert httpx.get(f"{stalling}/health", timeout=30).status_code == 200
 
 
 def test_fault_injection_is_off_unless_configured(pair):
