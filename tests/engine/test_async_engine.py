@@ -151,8 +151,8 @@ def test_a_step_past_step_timeout_makes_the_engine_unhealthy_until_it_ends(tiny_
 
     engine = make_engine(tiny_model_dir, tokenizer, batch_size=2)
     engine.backend = FaultInjectingBackend(engine.backend)
-    engine.backend.arm("prefill", 1, stall_s=1.0)
-    async_engine = AsyncEngine(engine, step_timeout_s=0.3)
+    engine.backend.arm("prefill", 1, stall_s=2.5)
+    async_engine = AsyncEngine(engine, step_timeout_s=0.5)
     prompt = tokenizer("Hello").input_ids
 
     async def main():
@@ -160,7 +160,7 @@ def test_a_step_past_step_timeout_makes_the_engine_unhealthy_until_it_ends(tiny_
         stalled = asyncio.create_task(collect(async_engine, request("stalled", prompt, 4)))
         await asyncio.sleep(0.1)
         within = async_engine.healthy
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.1)
         past = async_engine.healthy
         events = await stalled
         return within, past, async_engine.healthy, events

@@ -151,9 +151,9 @@ def test_a_batcher_too_busy_for_the_probe_is_healthy_by_serves_checks(single):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
-            await batcher("single").inject_fault.remote("prefill", 1, stall_s=12)
+            await batcher("single").inject_fault.remote("prefill", 1, stall_s=20)
             streams = [asyncio.create_task(stream(client, single, body(5))) for _ in range(8)]
-            await asyncio.sleep(1)
+            await asyncio.sleep(3)  # all 8 in the batcher
             started = time.monotonic()
             health = await client.get(f"{single}/health")
             return health, time.monotonic() - started, await asyncio.gather(*streams)
@@ -174,12 +174,13 @@ def test_a_stalled_step_makes_its_batcher_unhealthy_and_it_is_replaced(stalling)
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
             stuck = asyncio.create_task(client.post(f"{stalling}/generate", json=body(5)))
-            await asyncio.sleep(3)  # past step_timeout_s
-            health = await client.get(f"{stalling}/health")
+            deadline = time.monotonic() + 15  # past step_timeout_s, until Serve's replacement is up
+            while (health := await client.get(f"{stalling}/health")).status_code == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
             return health, await stuck
 
     health, stuck = run(scenario())
-    assert health.status_code == 503
+    assert health.status_code == 503, health.text
     assert stuck.status_code == 200 and stuck.json()["generated_text"], stuck.text
     [after] = replicas(stalling)
     assert after["replica"] != before["replica"] and after["healthy"]

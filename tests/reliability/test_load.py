@@ -79,7 +79,7 @@ def test_a_client_gone_before_its_first_token_leaves_the_queue_at_once(narrow):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
-            running = await streaming(client, narrow, 4, 400)  # every row busy for ~5 s
+            running = await streaming(client, narrow, 4, 1000)  # every row busy for ~17 s
             queued = asyncio.create_task(stream(client, narrow, body(5)))
             await asyncio.to_thread(wait_until, lambda: waiting() == 1, 10, what="the fifth request queued")
             queued.cancel()
@@ -100,7 +100,7 @@ def test_a_stream_waiting_for_a_row_gets_keep_alive_comments(narrow):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
-            running = await streaming(client, narrow, 4, 100)  # every row busy for ~1.2 s
+            running = await streaming(client, narrow, 4, 300)  # every row busy for ~5 s
             lines = []
             async with client.stream("POST", f"{narrow}/generate_stream", json=body(3)) as response:
                 async for line in response.aiter_lines():
@@ -113,7 +113,19 @@ def test_a_stream_waiting_for_a_row_gets_keep_alive_comments(narrow):
     assert lines[:first_event].count(":") >= 2, lines[:first_event]
     assert ":" not in lines[first_event:]  # its three tokens came 12 ms apart
     assert len(events) == 3 and json.loads(events[-1][5:])["generated_text"]
-    assert all(r.complete and len(r.tokens) == 100 for r in others)
+    assert all(r.complete and len(r.tokens) == 300 for r in others)
+
+
+def test_a_client_gone_mid_stream_frees_its_row(narrow):
+    """Serve cancels the request of a client that hung up, and the engine frees its row at the next step,
+    long before its 1000 tokens (~17 s) would have ended it."""
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{narrow}/generate_stream", json=body(1000)) as response:
+            seen = [line for line, _ in zip(response.iter_lines(), range(12)) if line.startswith("data:")]
+            assert len(seen) >= 2
+        gone = time.monotonic()
+    wait_until(lambda: all_rows_free(narrow), 8, what="its row free")
+    print(f"disconnect: the row was free {time.monotonic() - gone:.2f}s after the client hung up")
 
 
 def test_twice_the_concurrency_limit_is_refused_at_once_and_the_rest_complete(narrow):
@@ -175,8 +187,7 @@ def test_a_failed_prompt_of_a_completions_batch_stops_the_others(narrow):
     too_long = "word " * 300  # over max_input_tokens (128)
     r = httpx.post(f"{narrow}/v1/completions", json={"prompt": [long, too_long], "max_tokens": 400}, timeout=60)
     assert r.status_code == 422 and "must have less than 128 tokens" in r.json()["error"]
-    time.sleep(1.0)  # the long prompt alone would take ~5 s
-    assert all_rows_free(narrow), replicas(narrow)
+    wait_until(lambda: all_rows_free(narrow), 3, what="the long prompt's row free")  # alone it would take ~7 s
 
 
 def metric(url: str, name: str) -> float | None:

@@ -52,7 +52,7 @@ def test_body_over_the_payload_limit_is_413(guarded):
 def test_requests_beyond_max_concurrent_get_429_and_the_rest_complete(guarded):
     async def burst():
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
-            body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
+            body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1000}}  # the 2 admitted last seconds
             return await asyncio.gather(*(client.post(f"{guarded}/generate", json=body) for _ in range(6)))
 
     responses = asyncio.run(burst())
@@ -79,19 +79,3 @@ def test_best_of_takes_a_permit_per_sequence(guarded):
             time.sleep(0.2)
     assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded", refused.text
     assert served.status_code == 200 and len(served.json()["details"]["best_of_sequences"]) == 1, served.text
-
-
-def test_disconnect_frees_the_row(app):
-    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", f"{app}/generate_stream", json=body) as response:
-            lines = response.iter_lines()
-            seen = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
-            assert len(seen) >= 2
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        replicas = httpx.get(f"{app}/info", timeout=30).json()["replicas"]
-        if all(r["active"] == 0 and r["waiting"] == 0 for r in replicas):
-            break
-        time.sleep(0.2)
-    assert all(r["active"] == 0 for r in replicas), replicas
