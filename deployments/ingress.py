@@ -36,8 +36,8 @@ from .service import TextGeneration
 logger = logging.getLogger("ray.serve")
 
 REPLICA_LOST = (RayActorError, ActorUnavailableError)  # the replica process died or cannot be reached
-# /info lists the batchers that answer within this: one with `max_ongoing_requests` in hand answers only once
-# one of its requests ends.
+# /info lists the batchers if they all answer within this: one with `max_ongoing_requests` in hand answers only
+# once one of its requests ends, and Serve's broadcast gives all the answers or none.
 STATUS_TIMEOUT_S = 2.0
 QUEUE_GAUGE_EVERY_S = 1.0  # `tgi_queue_size` is set this often (Ray exports every 10 s, and drops a gauge not set)
 
