@@ -17,7 +17,7 @@ from ray.serve import Application
 
 from neuron_serve.config import Config, load_config
 from neuron_serve.errors import ConfigError
-from neuron_serve.loading import model_limits
+from neuron_serve.loading import model_limits, settle_config
 from neuron_serve.model_files import resolve_model_dir
 
 from .batcher import NeuronBatcher
@@ -71,7 +71,9 @@ def build_app(args: dict[str, Any]) -> Application:
     layout = plan_layout(config, _cluster_neuron_cores())
     logger.info("neuron-serve: %s", layout.reason)
     config = config.model_copy(update={"backend": layout.backend})
-    slots = model_limits(config, resolve_model_dir(config, weights=False)).max_batch_size
+    model_dir = resolve_model_dir(config, weights=False)
+    config = settle_config(config, model_dir)
+    slots = model_limits(config, model_dir).max_batch_size
 
     actor_options: dict[str, Any] = {"num_cpus": config.replica_cpus, "runtime_env": {"env_vars": SERVE_ENV}}
     if layout.neuron_cores:

@@ -213,7 +213,7 @@ class Ingress:
         self.source = source
         self._queue_gauge = asyncio.create_task(self._keep_queue_gauge(request_metrics, source))
         self.service = TextGeneration(
-            config, self.limits, load_tokenizer(model_dir), source,
+            config, self.limits, load_tokenizer(model_dir, config.token), source,
             model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
         )
         logger.info("Ingress ready for %s: %s", config.model_id, self.limits)

@@ -122,6 +122,11 @@ class Config(BaseModel):
     export_auto_cast_type: Literal["bf16", "fp16"] | None = None
     export_num_cores: int | None = Field(None, gt=0)
 
+    @property
+    def token(self) -> str | None:
+        """The hub token (HF_TOKEN), for gated repositories."""
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.max_input_tokens is not None and self.max_total_tokens is not None:

@@ -40,6 +40,16 @@ def model_limits(config: Config, model_dir) -> Limits:
     return resolve_limits(config, max_positions=_max_positions(model_dir))
 
 
+def settle_config(config: Config, model_dir) -> Config:
+    """What every process of an app runs with, decided once where the app is built: for a Neuron model
+    still to be compiled with no batch size asked for, the Neuron model cache's batch size."""
+    if config.backend != "neuron":
+        return config
+    from .backends.neuron_models import pin_cached_batch
+
+    return pin_cached_batch(config, Path(model_dir))
+
+
 def open_torch_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
     from .backends.torch_llama import TorchBackend, load_config
 
@@ -55,13 +65,16 @@ def open_torch_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
 def open_neuron_backend(config: Config, model_dir, model_class=None) -> tuple[Backend, Limits]:
     """optimum-neuron's compiled model as a backend; `model_class` is optimum-neuron's unless given."""
     from .backends.neuron import NeuronBackend, neuron_model_class
-    from .backends.neuron_models import CompiledShape, check_against_settings, load_neuron_model, read_neuron_config
+    from .backends.neuron_models import (
+        CompiledShape, check_against_settings, compiled_shape, load_neuron_model, read_neuron_config,
+    )
 
     if model_class is None:
         try:
             model_class = neuron_model_class()
         except ImportError as e:
             raise ConfigError(str(e)) from None
+    check_against_settings(config, compiled_shape(config, Path(model_dir)))  # before a load, or a compilation, of minutes
     model = load_neuron_model(config, Path(model_dir), model_class)
     nc = model.neuron_config
     shape = CompiledShape(nc.batch_size, nc.sequence_length, nc.max_context_length or nc.sequence_length, nc.tp_degree,
@@ -95,7 +108,7 @@ def open_simulated_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
     from .backends.simulated import Inf2Timing, SimulatedBackend, count_parameters
 
     limits = model_limits(config, model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.token)
     timing = Inf2Timing(params=config.simulated_params or count_parameters(model_dir), cores=max(1, config.cores_per_replica))
     avoid = set(tokenizer.all_special_ids) | eos_token_ids(model_dir, tokenizer)
     backend = SimulatedBackend(limits.max_batch_size, limits.max_total_tokens, len(tokenizer), timing, avoid_ids=avoid)
@@ -110,7 +123,7 @@ def open_backend(config: Config, model_dir) -> tuple[Backend, Limits]:
 def build_engine(config: Config, backend: Backend | None = None, limits: Limits | None = None) -> Engine:
     """The engine for `config`; a backend already opened (tests, benchmarks) may be given with its limits."""
     model_dir = resolve_model_dir(config)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.token)
     if backend is None:
         backend, limits = open_backend(config, model_dir)
     if config.fault_injection:

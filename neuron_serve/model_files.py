@@ -15,6 +15,8 @@ from .errors import ConfigError
 from .tiny_model import TINY_MODEL_ID, ensure_tiny_model
 
 TOKENIZER_AND_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# Weights in formats nothing here reads: Meta's originals (Llama 3's `original/`, 16 GB for 8B), other frameworks'.
+UNREAD_WEIGHTS = ["original/*", "*.pth", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
 
 
 def resolve_model_dir(config: Config, weights: bool = True) -> Path:
@@ -31,8 +33,9 @@ def resolve_model_dir(config: Config, weights: bool = True) -> Path:
         path = snapshot_download(
             config.model_id,
             revision=config.revision,
-            token=config.hf_token.get_secret_value() if config.hf_token else None,
+            token=config.token,
             allow_patterns=None if weights else TOKENIZER_AND_CONFIG_FILES,
+            ignore_patterns=UNREAD_WEIGHTS,
         )
     except Exception as e:
         raise ConfigError(
@@ -43,16 +46,18 @@ def resolve_model_dir(config: Config, weights: bool = True) -> Path:
 
 
 def load_tokenizer(model_dir: Path, token: str | None = None):
-    """The model's fast tokenizer; a compiled Neuron model without one uses its checkpoint's."""
+    """The model's fast tokenizer; a compiled Neuron model without one uses its checkpoint's (a gated one
+    with `token`)."""
     from transformers import AutoTokenizer
 
     source: str | Path = model_dir
+    revision = None
     neuron_config = Path(model_dir) / "neuron_config.json"
     if not (Path(model_dir) / "tokenizer.json").is_file() and neuron_config.is_file():
-        checkpoint = json.loads(neuron_config.read_text()).get("checkpoint_id")
-        if checkpoint:
-            source = checkpoint
-    tokenizer = AutoTokenizer.from_pretrained(source, token=token)
+        saved = json.loads(neuron_config.read_text())
+        if saved.get("checkpoint_id"):
+            source, revision = saved["checkpoint_id"], saved.get("checkpoint_revision")
+    tokenizer = AutoTokenizer.from_pretrained(source, token=token, revision=revision)
     if not tokenizer.is_fast:
         raise ConfigError(f"{source} has no fast tokenizer (tokenizer.json); neuron-serve needs one")
     return tokenizer

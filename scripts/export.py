@@ -71,13 +71,13 @@ def main(argv=None, model_class=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with_progress("save", lambda: model.save_pretrained(str(out)))
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     AutoTokenizer.from_pretrained(args.model, token=args.token, revision=args.revision).save_pretrained(str(out))
-    for name in ("generation_config.json",):
-        source = Path(args.model) / name
-        if source.is_file():
-            (out / name).write_bytes(source.read_bytes())
+    try:  # its end-of-sequence ids, which the server stops at (from the hub as from a folder)
+        GenerationConfig.from_pretrained(args.model, token=args.token, revision=args.revision).save_pretrained(str(out))
+    except OSError:  # the model has none
+        pass
 
     nc = json.loads((out / "neuron_config.json").read_text())
     print(f"\nwrote {out}")

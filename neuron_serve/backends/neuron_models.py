@@ -3,10 +3,12 @@
 - An already compiled model: a local directory (`/data/<model>`) or a hub repository holding a
   `neuron_config.json` — loaded as it is.
 - A standard model: compiled at start for `HF_BATCH_SIZE` x `HF_SEQUENCE_LENGTH` on `HF_NUM_CORES`
-  cores in `HF_AUTO_CAST_TYPE` (falling back to our own settings). The Neuron model cache on the hub
-  is looked up first, preferring an entry whose batch size matches exactly; the compiler runs only
-  on a miss. The result is saved under the cache directory (`/data` in the container), so the next
-  start loads it directly.
+  cores in `HF_AUTO_CAST_TYPE` (falling back to our own settings, and to bfloat16). The Neuron model
+  cache on the hub is looked up first: when no batch size was asked for, the smallest cached one is
+  taken (`pin_cached_batch`, once for the whole app, so that the ingress and Serve size themselves by
+  it too); the compiler runs only on a miss. The result is saved under the cache directory (`/data`
+  in the container), so the next start loads it directly. One replica of a node compiles; the others
+  wait for it, then load what it saved.
 
 Reading a `neuron_config.json` needs no Neuron library: the HTTP ingress and the limits use these
 functions on any host. Loading and compiling take the model class (optimum-neuron's, or a stand-in).
@@ -14,9 +16,12 @@ functions on any host. Loading and compiling take the model class (optimum-neuro
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -76,7 +81,7 @@ def read_neuron_config(model_dir: Path) -> dict[str, Any] | None:
 
 
 def export_plan(config: Config, model_dir: Path) -> ExportPlan:
-    """neuronx-tgi's export settings (HF_*), else ours, else the model's own."""
+    """neuronx-tgi's export settings (HF_*), else ours, else the model's own positions and bfloat16."""
     model_config = json.loads((Path(model_dir) / "config.json").read_text())
     max_positions = model_config.get("max_position_embeddings") or 4096
     if config.export_auto_cast_type:
@@ -141,14 +146,37 @@ def choose_cached_entry(entries: list[dict[str, Any]], plan: ExportPlan, batch_i
 
 
 def hub_cache_entries(plan: ExportPlan, token: str | None) -> list[dict[str, Any]]:
-    """The Neuron model cache's compiled configurations for this model (empty when unreachable)."""
+    """The Neuron model cache's compiled configurations for this model and an inf2 (or trn1) host, whose
+    compilation target is trn1; empty when the cache is unreachable."""
     try:
         from optimum.neuron.cache.hub_cache import get_hub_cached_entries
 
-        return list(get_hub_cached_entries(plan.model_id, task="text-generation"))
+        entries = get_hub_cached_entries(plan.model_id, task="text-generation")
     except Exception as e:  # offline, gated without token, no registry: compile instead
         logger.warning("Neuron model cache lookup for %s failed (%s: %s): compiling", plan.model_id, type(e).__name__, e)
         return []
+    return [e for e in entries if e.get("target", "trn1") == "trn1"]
+
+
+def pin_cached_batch(
+    config: Config,
+    model_dir: Path,
+    lookup: Callable[[ExportPlan, str | None], list[dict[str, Any]]] = hub_cache_entries,
+) -> Config:
+    """`config` with `export_batch_size` (HF_BATCH_SIZE) pinned to a cached batch size, when a standard hub
+    model is to be compiled and no batch size was asked for: the smallest one the Neuron model cache holds
+    for its other settings. Done once, where the app is built, so that every process (the ingress, Serve's
+    `max_ongoing_requests`, each batcher) sizes itself by the batch the batchers will load."""
+    if read_neuron_config(model_dir) is not None or batch_is_fixed(config) or Path(config.model_id).exists():
+        return config
+    plan = export_plan(config, model_dir)
+    token = config.token
+    entry = choose_cached_entry(lookup(plan, token), plan, batch_is_fixed=False)
+    if entry is None:
+        return config
+    logger.info("using the Neuron model cache's batch size %d for %s (none was asked for) to avoid compiling",
+                entry["batch_size"], plan.model_id)
+    return config.model_copy(update={"export_batch_size": int(entry["batch_size"])})
 
 
 def cache_root(config: Config) -> Path:
@@ -178,34 +206,52 @@ def load_neuron_model(
     visible = os.environ.get("NEURON_RT_VISIBLE_CORES")
     if visible:  # set by Ray for this replica's process, read by the Neuron runtime and by optimum-neuron
         os.environ["NEURON_RT_VISIBLE_CORES"] = runtime_visible_cores(visible)
-    token = config.hf_token.get_secret_value() if config.hf_token else None
+    token = config.token
     if read_neuron_config(model_dir) is not None:
         logger.info("loading compiled model %s from %s", config.model_id, model_dir)
         return model_class.from_pretrained(str(model_dir), token=token)
 
+    config = pin_cached_batch(config, model_dir, lookup)  # pinned already when the app was built
     plan = export_plan(config, model_dir)
-    local_source = Path(config.model_id).exists()  # the hub cache knows hub models only
-    entries = [] if local_source else lookup(plan, token)
-    entry = choose_cached_entry(entries, plan, batch_is_fixed=batch_is_fixed(config))
-    if entry is not None and entry["batch_size"] != plan.batch_size:
-        logger.info("using the cached batch size %d (asked for %d) to avoid compiling", entry["batch_size"], plan.batch_size)
-        plan = ExportPlan(plan.model_id, entry["batch_size"], plan.sequence_length, plan.num_cores, plan.dtype)
     target = cache_root(config) / "compiled" / plan.model_id.replace("/", "--") / (config.revision or "main") / plan.cache_key()
-    if read_neuron_config(target) is not None:
-        logger.info("loading %s compiled earlier from %s", plan.model_id, target)
-        # Saved without its weights when exported from the hub: loading fetches them, gated ones with the token.
-        return model_class.from_pretrained(str(target), token=token)
-    logger.warning(
-        "compiling %s for batch %d x %d tokens on %d cores (%s)%s; this can take a long time",
-        plan.model_id, plan.batch_size, plan.sequence_length, plan.num_cores, plan.dtype,
-        ", with the hub cache's artifacts" if entry else ", not found in the Neuron model cache",
-    )
-    model = export_model(model_class, plan, source=str(model_dir) if local_source else plan.model_id, token=token,
-                         revision=config.revision)
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(target))
-    logger.info("saved the compiled model to %s", target)
-    return model
+    with _held_by_one_process(target):  # the node's other replicas wait here for the first one's compilation
+        if read_neuron_config(target) is None:
+            local_source = Path(config.model_id).exists()  # the hub cache knows hub models only
+            cached = not local_source and choose_cached_entry(lookup(plan, token), plan, batch_is_fixed=True) is not None
+            logger.warning(
+                "compiling %s for batch %d x %d tokens on %d cores (%s)%s; this can take a long time",
+                plan.model_id, plan.batch_size, plan.sequence_length, plan.num_cores, plan.dtype,
+                ", with the hub cache's artifacts" if cached else ", not found in the Neuron model cache",
+            )
+            model = export_model(model_class, plan, source=str(model_dir) if local_source else plan.model_id,
+                                 token=token, revision=config.revision)
+            _save_whole(model, target)
+            logger.info("saved the compiled model to %s", target)
+            return model
+    logger.info("loading %s compiled earlier from %s", plan.model_id, target)
+    # Saved without its weights when exported from the hub: loading fetches them, gated ones with the token.
+    return model_class.from_pretrained(str(target), token=token)
+
+
+@contextlib.contextmanager
+def _held_by_one_process(target: Path):
+    """An exclusive lock on `target` (a file beside it) for the time of the block."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _save_whole(model, target: Path) -> None:
+    """Saves into a folder beside `target`, then renames it: a process that finds `target` finds all of it."""
+    partial = target.parent / f"{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial))
+    shutil.rmtree(target, ignore_errors=True)  # a folder left by a save that did not finish, before this one
+    os.replace(partial, target)
 
 
 def export_model(model_class, plan: ExportPlan, source: str | None = None, token: str | None = None,

@@ -14,10 +14,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
-from neuron_serve.backends.neuron_models import ExportPlan, batch_is_fixed, choose_cached_entry, runtime_visible_cores
+from neuron_serve.backends.neuron_models import (
+    ExportPlan, batch_is_fixed, choose_cached_entry, hub_cache_entries, load_neuron_model, pin_cached_batch,
+    runtime_visible_cores,
+)
 from neuron_serve.config import Config
 from neuron_serve.errors import ConfigError
 from neuron_serve.loading import build_engine, model_limits, open_neuron_backend
@@ -210,3 +215,63 @@ def test_hub_cache_entry_choice_prefers_the_exact_batch_size():
     assert batch_is_fixed(Config(max_batch_size=4)) and batch_is_fixed(Config(export_batch_size=4))
     assert not batch_is_fixed(Config())
     assert choose_cached_entry([entry(4, s=2048), entry(4, tp=8), entry(4, dtype="float16")], plan, False) is None
+
+
+class SlowCompiler(NeuronModelStandIn):
+    @classmethod
+    def export(cls, *args, **kwargs):
+        time.sleep(0.5)  # long enough for the other replicas to look for the result meanwhile
+        return super().export(*args, **kwargs)
+
+
+def test_replicas_of_one_node_compile_once_and_load_the_whole_result(tiny_model_dir, tmp_path):
+    """On an inf2.48xlarge, 12 replicas start at once: one compiles, the others wait for it, then load
+    what it saved (never a folder still being written)."""
+    NeuronModelStandIn.export_calls.clear()
+    NeuronModelStandIn.load_calls.clear()
+    config = neuron_config(tiny_model_dir, tmp_path, export_batch_size=2, export_sequence_length=128, dtype="float32")
+    models = []
+    replicas = [threading.Thread(target=lambda: models.append(load_neuron_model(config, tiny_model_dir, SlowCompiler)))
+                for _ in range(3)]
+    for replica in replicas:
+        replica.start()
+    for replica in replicas:
+        replica.join(60)
+    assert len(models) == 3 and all(m.neuron_config.batch_size == 2 for m in models)
+    assert len(NeuronModelStandIn.export_calls) == 1 and len(NeuronModelStandIn.load_calls) == 2
+    [folder] = (tmp_path / "cache" / "compiled").rglob("b2-s128-tp2-float32")
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no partial save left
+    assert (folder / "neuron_config.json").is_file()
+
+
+def test_an_unpinned_batch_size_is_pinned_to_the_caches_once_for_the_whole_app(tiny_model_dir, tmp_path):
+    """With no HF_BATCH_SIZE or MAX_BATCH_SIZE, a hub model takes the smallest cached batch size. The app's
+    builder pins it, so the ingress's limits and Serve's `max_ongoing_requests` agree with the batchers'."""
+    entry = lambda b, dtype="bfloat16": {"batch_size": b, "sequence_length": 128, "tp_degree": 2, "torch_dtype": dtype}  # noqa: E731
+    lookup = lambda plan, token: [entry(32), entry(8), entry(4, dtype="float16")]  # noqa: E731
+    hub_model = Config(model_id="org/model", backend="neuron", export_sequence_length=128)
+    pinned = pin_cached_batch(hub_model, tiny_model_dir, lookup)
+    assert pinned.export_batch_size == 8 and model_limits(pinned, tiny_model_dir).max_batch_size == 8
+    assert pin_cached_batch(pinned, tiny_model_dir, lookup) is pinned  # the batchers keep it
+    assert pin_cached_batch(hub_model.model_copy(update={"max_batch_size": 2}), tiny_model_dir, lookup).export_batch_size is None
+    assert pin_cached_batch(hub_model, tiny_model_dir, lambda plan, token: []) is hub_model  # nothing cached: compile
+    local = neuron_config(tiny_model_dir, tmp_path, export_sequence_length=128)
+    assert pin_cached_batch(local, tiny_model_dir, lookup) is local  # the hub cache knows hub models only
+
+
+def test_hub_cache_entries_are_those_for_inf2(monkeypatch):
+    """inf2 and trn1 compile for the target trn1; a trn2 entry is of no use here."""
+    from optimum.neuron.cache import hub_cache
+
+    found = [{"batch_size": 4, "target": "trn1"}, {"batch_size": 8, "target": "trn2"}, {"batch_size": 16}]
+    monkeypatch.setattr(hub_cache, "get_hub_cached_entries", lambda model_id, task=None: found)
+    plan = ExportPlan("org/model", batch_size=4, sequence_length=4096, num_cores=2, dtype="bfloat16")
+    assert [e["batch_size"] for e in hub_cache_entries(plan, None)] == [4, 16]
+
+
+def test_settings_that_disagree_with_an_export_fail_before_compiling(tiny_model_dir, tmp_path):
+    NeuronModelStandIn.export_calls.clear()
+    config = neuron_config(tiny_model_dir, tmp_path, export_num_cores=4, cores_per_replica=2)
+    with pytest.raises(ConfigError, match=r"`cores_per_replica` \(2\) must be equal to the compiled model's tp_degree \(4\)"):
+        open_neuron_backend(config, tiny_model_dir, model_class=NeuronModelStandIn)
+    assert NeuronModelStandIn.export_calls == []
