@@ -85,10 +85,11 @@ class NeuronModelStandIn:
     def get_neuron_config(cls, model_name_or_path, config=None, token=None, revision=None, instance_type=None,
                           batch_size=None, sequence_length=None, tensor_parallel_size=None):
         batch_size = batch_size or 1
+        # As optimum-neuron's Llama (`LlamaNxDModelForCausalLM._get_neuron_config`): it always samples on the device.
         return NxDNeuronConfig(
-            checkpoint_id=None, batch_size=batch_size, sequence_length=sequence_length or 1024,
-            tp_degree=tensor_parallel_size, torch_dtype="float32", target=instance_type or "trn1",
-            continuous_batching=batch_size > 1, on_device_sampling=False, fused_qkv=True,
+            checkpoint_id=str(model_name_or_path), checkpoint_revision=revision, batch_size=batch_size,
+            sequence_length=sequence_length or 1024, tp_degree=tensor_parallel_size, torch_dtype="float32",
+            target=instance_type or "trn1", continuous_batching=batch_size > 1, on_device_sampling=True, fused_qkv=True,
         )
 
     @classmethod
