@@ -203,6 +203,9 @@ class AppStatus:
 class Ingress:
     async def __init__(self, batcher: DeploymentHandle, config: Config):
         keep_request_lines_off_stderr()
+        # Calls over Serve's gRPC transport, whatever process built the app: `serve run serve_config.yaml`
+        # builds it where RAY_SERVE_USE_GRPC_BY_DEFAULT is set, a Python `serve.run(build_app(...))` may not.
+        batcher = batcher.options(_by_reference=False)
         self.batcher = batcher
         self.config = config
         model_dir = resolve_model_dir(config, weights=False)

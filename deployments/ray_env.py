@@ -5,7 +5,11 @@ streams, 2-core CPU (scripts/bench.py --url):
 - user code and the handle's router on the replica's event loop (no thread hop per streamed item):
   166 vs 142 tokens/s;
 - every Serve hop (proxy -> ingress -> batcher) over gRPC instead of Ray actor calls and the object
-  store: 247, 250, 253 vs 181, 193, 182 tokens/s, alternating runs; p50 TTFT of one stream 81 vs 90 ms;
+  store: 247, 250, 253 vs 181, 193, 182 tokens/s, alternating runs; p50 TTFT of one stream 81 vs 90 ms.
+  A handle takes its transport from the process that built the app, so the ingress also asks for
+  gRPC itself (a Python `serve.run(build_app(...))` builds it without this variable). Over Ray's
+  actor calls, each call of a lost ingress held its batcher's event loop for 1 s (Ray waits for the
+  dead caller to take the call's stream): every other stream paused 4 s when an ingress with 4 went;
 - the proxy's router on the proxy's event loop too: the proxy's CPU per streamed token 0.54 and 0.66
   vs 0.75 and 0.81 ms, alternating runs;
 - HAProxy in front of the ingress replicas instead of Serve's Python proxy (Ray's high-throughput

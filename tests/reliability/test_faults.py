@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import SIMULATED, all_rows_free, body, replicas, run, stream, streaming, wait_until
+from .conftest import SIMULATED, StreamResult, all_rows_free, body, replicas, run, stream, streaming, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +185,46 @@ def test_a_stalled_step_makes_its_batcher_unhealthy_and_it_is_replaced(stalling)
     [after] = replicas(stalling)
     assert after["replica"] != before["replica"] and after["healthy"]
     assert httpx.get(f"{stalling}/health", timeout=30).status_code == 200
+
+
+def test_an_ingress_replica_lost_mid_stream_frees_its_rows_and_stalls_no_other_stream(cluster):
+    """Two ingress replicas share a batcher of 8 rows; one is killed mid-stream. Its batcher learns it from
+    the channel closing and frees those rows at once, while the other ingress's streams go on without a
+    pause. (Over Ray's actor calls, where a Python `serve.run` of the app used to put the ingress's calls,
+    each lost call held the batcher's event loop for 1 s: a 4 s pause for every other stream.)"""
+    import ray
+
+    url = cluster.deploy("ingress_lost", {**SIMULATED, "num_replicas": 1, "ingress_replicas": 2, "max_batch_size": 8})
+    arrivals: dict[int, list[float]] = {}
+
+    def active() -> int:
+        return batcher("ingress_lost").status.remote().result(timeout_s=30)["active"]
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            tasks = [asyncio.create_task(stream(client, url, body(600),
+                                                on_token=lambda r, i=i: arrivals.setdefault(i, []).append(time.monotonic())))
+                     for i in range(8)]  # ~10 s each
+            await asyncio.to_thread(wait_until, lambda: len(arrivals) == 8 and active() == 8, 30, what="8 streams")
+            [victim, _] = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                                 if a["name"].startswith("SERVE_REPLICA::ingress_lost#Ingress#"))
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            killed_at = time.monotonic()
+            await asyncio.to_thread(wait_until, lambda: active() < 8, 5, what="the lost ingress's rows free")
+            freed_s = time.monotonic() - killed_at
+            return killed_at, freed_s, await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        killed_at, freed_s, results = run(scenario())
+        survivors = [i for i, r in enumerate(results) if isinstance(r, StreamResult) and r.complete]
+        assert 0 < len(survivors) < 8, results
+        pauses = [b - a for i in survivors for a, b in zip(arrivals[i], arrivals[i][1:]) if b > killed_at]
+        print(f"ingress lost: rows free {freed_s:.2f}s after the kill; the other streams' longest pause {max(pauses):.3f}s")
+        assert max(pauses) < 0.5
+        wait_until(lambda: httpx.post(f"{url}/generate", json=body(5), timeout=30).status_code == 200, 60,
+                   what="the app serving")
+    finally:
+        cluster.delete("ingress_lost")
 
 
 def test_fault_injection_is_off_unless_configured(pair):
