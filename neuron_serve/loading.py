@@ -74,12 +74,13 @@ def open_neuron_backend(config: Config, model_dir, model_class=None) -> tuple[Ba
             model_class = neuron_model_class()
         except ImportError as e:
             raise ConfigError(str(e)) from None
-    check_against_settings(config, compiled_shape(config, Path(model_dir)))  # before a load, or a compilation, of minutes
+    # The compiled model's neuron_config.json, or the export's plan, which the export then compiles: checked
+    # before a load, or a compilation, of minutes.
+    check_against_settings(config, compiled_shape(config, Path(model_dir)))
     model = load_neuron_model(config, Path(model_dir), model_class)
     nc = model.neuron_config
     shape = CompiledShape(nc.batch_size, nc.sequence_length, nc.max_context_length or nc.sequence_length, nc.tp_degree,
                           str(nc.torch_dtype).removeprefix("torch."), bool(nc.continuous_batching), bool(nc.on_device_sampling))
-    check_against_settings(config, shape)
     if shape.on_device_sampling:  # optimum-neuron's default for Llama: the device picks each token
         logger.warning("%s samples on the device, as in neuronx-tgi: top_k (up to %d), top_p and temperature apply; "
                        "repetition_penalty, frequency_penalty, typical_p and seed do not, and logprobs are 0",
