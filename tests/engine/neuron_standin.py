@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -32,6 +33,11 @@ from optimum.neuron.models.inference.backend.config import NxDNeuronConfig
 SAVED_FIELDS = ("batch_size", "max_batch_size", "sequence_length", "max_context_length", "tp_degree",
                 "continuous_batching", "on_device_sampling", "max_topk", "checkpoint_id", "checkpoint_revision")
 UNWRITTEN = -1
+# transformers' from_pretrained is not thread-safe: accelerate's `init_empty_weights` swaps
+# `nn.Module.register_parameter` for the whole process, and two loads at once can leave the swap in
+# place, so that every later model in the process is built on the meta device. Replicas are processes;
+# tests that play them with threads load one at a time.
+_LOADING = threading.Lock()
 
 
 def validate_sampling_params(params: torch.Tensor, max_topk: int) -> None:
@@ -73,7 +79,8 @@ class NeuronModelStandIn:
         self.neuron_config = neuron_config
         self.config = AutoConfig.from_pretrained(model_dir)
         self.source_dir = Path(model_dir)
-        self.llama = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        with _LOADING:
+            self.llama = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
         rows, positions = neuron_config.max_batch_size, neuron_config.sequence_length
         self.kv = torch.full((rows, positions), UNWRITTEN, dtype=torch.long)  # the token cached at each position
         self.generator = torch.Generator().manual_seed(0)  # the device's own RNG, seeded once

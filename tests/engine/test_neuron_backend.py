@@ -238,6 +238,7 @@ def test_replicas_of_one_node_compile_once_and_load_the_whole_result(tiny_model_
     for replica in replicas:
         replica.join(60)
     assert len(models) == 3 and all(m.neuron_config.batch_size == 2 for m in models)
+    assert all(p.device.type == "cpu" for m in models for p in m.llama.parameters())  # weights, not meta tensors
     assert len(NeuronModelStandIn.export_calls) == 1 and len(NeuronModelStandIn.load_calls) == 2
     [folder] = (tmp_path / "cache" / "compiled").rglob("b2-s128-tp2-float32")
     assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no partial save left
