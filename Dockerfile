@@ -15,9 +15,11 @@ COPY scripts/container_start.sh ./scripts/
 RUN pip install --no-cache-dir '.[neuron]' --extra-index-url https://pip.repos.neuron.amazonaws.com
 
 # neuron-ls on PATH: Ray runs it to count the NeuronCores it offers as `neuron_cores`.
-# /data holds hub downloads and compiled models: mount a volume there so a restart does not recompile.
+# /data holds hub downloads (HF_HOME), the Neuron compiler's cache and compiled models (neuron-serve's
+# cache, $XDG_CACHE_HOME/neuron-serve): mount a volume there so a restart does not recompile.
 ENV PATH=/opt/aws/neuron/bin:$PATH \
     HF_HOME=/data \
+    XDG_CACHE_HOME=/data \
     NEURON_COMPILE_CACHE_URL=/data/neuron-compile-cache \
     PYTHONUNBUFFERED=1
 VOLUME /data

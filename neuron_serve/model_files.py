@@ -19,6 +19,11 @@ TOKENIZER_AND_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktok
 UNREAD_WEIGHTS = ["original/*", "*.pth", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
 
 
+def on_the_hub(model_id: str) -> bool:
+    """A hub repository, not the built-in tiny model (built locally) nor a local directory."""
+    return model_id != TINY_MODEL_ID and not Path(model_id).expanduser().exists()
+
+
 def resolve_model_dir(config: Config, weights: bool = True) -> Path:
     if config.model_id == TINY_MODEL_ID:
         return ensure_tiny_model(config.cache_dir)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import ConfigError
+from ..model_files import on_the_hub
 from ..tiny_model import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def pin_cached_batch(
     model is to be compiled and no batch size was asked for: the smallest one the Neuron model cache holds
     for its other settings. Done once, where the app is built, so that every process (the ingress, Serve's
     `max_ongoing_requests`, each batcher) sizes itself by the batch the batchers will load."""
-    if read_neuron_config(model_dir) is not None or batch_is_fixed(config) or Path(config.model_id).exists():
+    if read_neuron_config(model_dir) is not None or batch_is_fixed(config) or not on_the_hub(config.model_id):
         return config
     plan = export_plan(config, model_dir)
     token = config.token
@@ -216,14 +217,14 @@ def load_neuron_model(
     target = cache_root(config) / "compiled" / plan.model_id.replace("/", "--") / (config.revision or "main") / plan.cache_key()
     with _held_by_one_process(target):  # the node's other replicas wait here for the first one's compilation
         if read_neuron_config(target) is None:
-            local_source = Path(config.model_id).exists()  # the hub cache knows hub models only
-            cached = not local_source and choose_cached_entry(lookup(plan, token), plan, batch_is_fixed=True) is not None
+            hub_source = on_the_hub(config.model_id)  # the hub cache knows hub models only
+            cached = hub_source and choose_cached_entry(lookup(plan, token), plan, batch_is_fixed=True) is not None
             logger.warning(
                 "compiling %s for batch %d x %d tokens on %d cores (%s)%s; this can take a long time",
                 plan.model_id, plan.batch_size, plan.sequence_length, plan.num_cores, plan.dtype,
                 ", with the hub cache's artifacts" if cached else ", not found in the Neuron model cache",
             )
-            model = export_model(model_class, plan, source=str(model_dir) if local_source else plan.model_id,
+            model = export_model(model_class, plan, source=plan.model_id if hub_source else str(model_dir),
                                  token=token, revision=config.revision)
             _save_whole(model, target)
             logger.info("saved the compiled model to %s", target)

@@ -26,6 +26,8 @@ from neuron_serve.backends.neuron_models import (
 from neuron_serve.config import Config
 from neuron_serve.errors import ConfigError
 from neuron_serve.loading import build_engine, model_limits, open_neuron_backend
+from neuron_serve.model_files import resolve_model_dir
+from neuron_serve.tiny_model import TINY_MODEL_ID
 
 from .helpers import request, run, token_ids
 from .neuron_standin import NeuronModelStandIn, compile_standin
@@ -203,6 +205,22 @@ def test_standard_model_is_compiled_once_then_loaded(tiny_model_dir, tokenizer, 
     assert len(saved) == 1 and saved[0].parent.name == "b2-s128-tp2-float32"
     # Saved without weights when exported from the hub, it fetches them again: a gated model needs the token.
     assert NeuronModelStandIn.load_calls == [{"path": saved[0].parent, "token": "hf_gated"}]
+
+
+def test_the_built_in_model_compiles_from_its_own_files_without_asking_the_hub(tmp_path):
+    """The KubeRay manifest serves the built-in tiny model on Neuron: its id names no hub repository."""
+    NeuronModelStandIn.export_calls.clear()
+
+    def no_hub(plan, token):
+        raise AssertionError(f"asked the hub cache for {plan.model_id}")
+
+    config = Config(model_id=TINY_MODEL_ID, backend="neuron", cache_dir=str(tmp_path / "cache"), export_batch_size=2,
+                    export_sequence_length=128, dtype="float32")
+    model_dir = resolve_model_dir(config)
+    assert pin_cached_batch(config.model_copy(update={"export_batch_size": None}), model_dir, no_hub).export_batch_size is None
+    model = load_neuron_model(config, model_dir, NeuronModelStandIn, no_hub)
+    assert [c["model_id"] for c in NeuronModelStandIn.export_calls] == [str(model_dir)]
+    assert model.neuron_config.batch_size == 2
 
 
 def test_hub_cache_entry_choice_prefers_the_exact_batch_size():

@@ -63,6 +63,18 @@ def test_data_volume_neuron_tools_and_ports(parsed):
     assert {"8000", "8265", "8080"} <= ports
 
 
+def test_compiled_models_and_downloads_are_kept_on_the_data_volume(parsed, monkeypatch):
+    """A restarted container (or KubeRay pod, same image) finds what the last one compiled and downloaded."""
+    from neuron_serve.backends.neuron_models import cache_root
+    from neuron_serve.config import Config
+
+    variables = env(parsed)
+    for name in ("HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(name, variables[name])
+    assert cache_root(Config()).is_relative_to("/data")
+    assert variables["HF_HOME"].startswith("/data") and variables["NEURON_COMPILE_CACHE_URL"].startswith("/data/")
+
+
 def test_the_default_command_starts_ray_and_serve_run_and_drains_on_sigterm(parsed):
     [cmd] = values(parsed, "CMD")
     script = json.loads(cmd)[0]
