@@ -58,7 +58,8 @@ class EventStream(StreamingResponse):
     ingress replica's own HTTP server behind HAProxy), and that cancels the generation under it."""
 
     def __init__(self, body: AsyncIterator[bytes], keep_alive_s: float, headers: dict[str, str]):
-        super().__init__(body, media_type="text/event-stream", headers=headers)
+        # As axum's `Sse` sends it: Starlette would add "; charset=utf-8" to a `media_type` of text/*.
+        super().__init__(body, headers={**headers, "content-type": "text/event-stream"})
         self.keep_alive_s = keep_alive_s
         self._sent_at = 0.0
 

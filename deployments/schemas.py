@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
@@ -21,6 +22,11 @@ F32 = Annotated[float, Field(allow_inf_nan=False, ge=-3.4e38, le=3.4e38)]
 
 class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _serde_error(message: str) -> PydanticCustomError:
+    """A custom check's refusal, worded as serde words it (pydantic would prefix "Value error, ")."""
+    return PydanticCustomError("value_error", message)
 
 
 class Response(BaseModel):
@@ -204,7 +210,7 @@ class Message(Request):
     @model_validator(mode="after")
     def _has_a_body(self) -> Message:
         if self.content is None and self.tool_calls is None:
-            raise ValueError("data did not match any variant of untagged enum MessageBody")
+            raise _serde_error("data did not match any variant of untagged enum MessageBody")
         return self
 
 
@@ -247,6 +253,13 @@ class CompletionRequest(Request):
     repetition_penalty: F32 | None = None
     frequency_penalty: F32 | None = None
     stop: list[str] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str | list[str]) -> str | list[str]:
+        if prompt == []:  # TGI's `Prompt` refuses it while the body is read: a body error, not a request
+            raise _serde_error("Empty array detected. Do not use an empty array for the prompt.")
+        return prompt
 
 
 class Usage(Response):

@@ -341,8 +341,6 @@ class TextGeneration:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.suffix is not None:
             raise self._refused(SuffixError("Suffix is not supported and can be achieved by preprocessing the prompt."))
-        if not prompts:
-            raise self._refused(ValidationError("Empty array detected. Do not use an empty array for the prompt."))
         if len(prompts) > self.config.max_client_batch_size:
             raise self._refused(BatchSizeError(
                 f"Number of prompts exceeds the maximum allowed batch size of {self.config.max_client_batch_size}"))

@@ -95,8 +95,9 @@ def test_completions_handler_rules(app, stream):
                                         "error_type": "suffix not supported"}),
         ({"prompt": [P] * 5}, {"error": "Number of prompts exceeds the maximum allowed batch size of 4",
                                "error_type": "batch size exceeded"}),
-        ({"prompt": []}, {"error": "Input validation error: Empty array detected. Do not use an empty array for the prompt.",
-                          "error_type": "validation"}),
+        # TGI's refuses it while reading the body, before its handler counts a request
+        ({"prompt": []}, {"error": "Failed to deserialize the JSON body into the target type: prompt: Empty array "
+                                   "detected. Do not use an empty array for the prompt.", "error_type": "validation"}),
     ]
     for body, error in refusals:
         r = httpx.post(f"{app}/v1/completions", json={**body, "stream": stream}, timeout=60)
@@ -124,7 +125,7 @@ def test_chat_rules(app):
     assert (r.status_code, r.json()["error"]) == (422, "Input validation error: `repetition_penalty` must be strictly positive")
     r = chat(messages=[{"role": "user"}])
     assert r.status_code == 422 and r.json()["error"] == ("Failed to deserialize the JSON body into the target type: "
-                                                          "messages.0: Value error, data did not match any variant of untagged enum MessageBody")
+                                                          "messages.0: data did not match any variant of untagged enum MessageBody")
     assert chat(tools=tools).json()["error_type"] == "tool_error"
     assert chat(tools=tools, tool_choice="none").status_code == 200  # served as a plain chat, as TGI does
     r = chat(tools=tools, response_format={"type": "json", "value": {"type": "object"}})
