@@ -8,16 +8,24 @@ them in `/api-doc/openapi.json`, and the tests check every response against them
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
 USIZE = Annotated[int, Field(ge=0, le=2**64 - 1)]
 I32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
-F32 = Annotated[float, Field(allow_inf_nan=False, ge=-3.4e38, le=3.4e38)]
+
+
+def _as_float32(value: float) -> float:
+    """The value as Rust's f32 holds it, which TGI then validates: 1e-46 is 0.0, 0.99999999 is 1.0."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+F32 = Annotated[float, Field(allow_inf_nan=False, ge=-3.4e38, le=3.4e38), AfterValidator(_as_float32)]
 
 
 class Request(BaseModel):

@@ -5,7 +5,8 @@ run the backend → sample → append, detokenize, check stops → emit one even
 rows of finished requests. Only `_advance` changes a request's state.
 
 `submit` and `cancel` may be called from any thread; everything else runs on the thread that calls
-`step`. A failing forward fails only the requests that were in it, and frees their rows.
+`step`. A failing forward fails only the requests that were in it, and frees their rows; a request
+whose own sampling fails fails alone.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Engine:
             return events + [self._fail(slot, e) for slot in new_slots + plan.rebuild + plan.decode]
         for slot, choice, prompt in zip(slots, choices, prompt_tokens):
             try:
+                if isinstance(choice, Exception):  # its own sampling failed: the forward did not
+                    raise choice
                 events.append(self._advance(slot, choice, prompt))
             except Exception as e:
                 logger.exception("request %s failed", slot.id)

@@ -77,21 +77,31 @@ class Choice:
     top_logprobs: list[float]
 
 
-def choose(logits: torch.Tensor, samplers: Sequence[RequestSampler], histories: Sequence[Sequence[int]]) -> list[Choice]:
-    """Next token for each row of `logits` [rows, vocab]; `histories[i]`: row i's prompt + generated ids."""
-    scores = logits.float()
-    needs_history = [i for i, s in enumerate(samplers) if s.needs_history]
-    if needs_history:
-        scores = scores.clone()
-        for i in needs_history:
-            history = torch.tensor([list(histories[i])], dtype=torch.long, device=scores.device)
-            scores[i : i + 1] = samplers[i].processors(history, scores[i : i + 1])
-    logprobs = torch.log_softmax(scores, dim=-1)
-    token_ids = scores.argmax(dim=-1)
+def choose(logits: torch.Tensor, samplers: Sequence[RequestSampler],
+           histories: Sequence[Sequence[int]]) -> list[Choice | Exception]:
+    """Next token for each row of `logits` [rows, vocab]; `histories[i]`: row i's prompt + generated ids.
+
+    Rows with processors run them in float64: a float32 temperature or penalty near zero (TGI's
+    parameters are float32, so down to 1e-45) divides the scores past float32's range, never past
+    float64's. A row whose own choice fails anyway gets its exception in its place; the other rows of
+    the batch get their tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_ids = logprobs.argmax(dim=-1)
+    failed: dict[int, Exception] = {}
     for i, sampler in enumerate(samplers):
-        if sampler.generator is not None:
-            probs = logprobs[i].exp().cpu()
-            token_ids[i] = torch.multinomial(probs, 1, generator=sampler.generator)[0]
+        if not sampler.needs_history and sampler.generator is None:
+            continue  # greedy, no penalty: the batch's argmax
+        try:
+            row = logprobs[i]
+            if sampler.needs_history:
+                history = torch.tensor([list(histories[i])], dtype=torch.long, device=logits.device)
+                row = torch.log_softmax(sampler.processors(history, logits[i : i + 1].double()), dim=-1)[0]
+                token_ids[i] = row.argmax()
+            if sampler.generator is not None:
+                token_ids[i] = torch.multinomial(row.exp().cpu(), 1, generator=sampler.generator)[0]
+            logprobs[i] = row  # below float32's range: -inf, a token that could not be drawn
+        except Exception as e:  # noqa: BLE001 (this request's parameters; the others go on)
+            failed[i] = e
     chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
 
     top_n = max(s.params.top_n_tokens for s in samplers)
@@ -101,8 +111,11 @@ def choose(logits: torch.Tensor, samplers: Sequence[RequestSampler], histories: 
         top_values, top_indices = top_values.tolist(), top_indices.tolist()
 
     ids, lps = token_ids.tolist(), chosen.tolist()
-    choices = []
+    choices: list[Choice | Exception] = []
     for i, sampler in enumerate(samplers):
+        if i in failed:
+            choices.append(failed[i])
+            continue
         n = sampler.params.top_n_tokens
         # Tokens a warper ruled out (probability 0) are not among the top ones, as in TGI: fewer than n.
         top = [(t, v) for t, v in zip(top_indices[i][:n], top_values[i][:n]) if v != -math.inf] if n else []

@@ -31,6 +31,7 @@ from . import PrefillOutput
 
 logger = logging.getLogger(__name__)
 
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 INSTALL_HINT = (
     "the neuron backend needs the AWS Neuron SDK (torch-neuronx, neuronx-distributed, libneuronxla): "
     "pip install -e '.[neuron]' --extra-index-url https://pip.repos.neuron.amazonaws.com"
@@ -129,7 +130,8 @@ class NeuronBackend:
                 values.append([1.0, 1.0, 1.0])
             else:
                 top_k = min(p.top_k, self.max_topk) if p.top_k > 0 else self.max_topk
-                values.append([float(top_k), p.top_p, p.temperature])
+                # Positive below float32's range would be 0 there, which the device refuses for the whole batch.
+                values.append([float(top_k), max(p.top_p, FLOAT32_TINY), max(p.temperature, FLOAT32_TINY)])
         return torch.tensor(values, dtype=torch.float32)
 
     def _forward(self, input_ids, position_ids, order: list[int], params: list[SamplingParams | None]) -> torch.Tensor:

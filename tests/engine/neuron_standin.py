@@ -216,19 +216,21 @@ class NeuronModelStandIn:
         return torch.nn.functional.pad(logits, (0, padded - logits.shape[-1]), value=torch.finfo(torch.float32).min)
 
     def _sample(self, logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """As the device's sampler (`generation/sampling.py`, `_multinomial_sample`): the top k scores, divided
+        by the temperature, cut to the top p, then a uniform draw against their cumulative probabilities. It
+        never raises: scores past float32's range make NaNs, no comparison holds, and the top token is taken."""
         out = []
         for row_logits, (top_k, top_p, temperature) in zip(logits, params.tolist()):
-            if top_k == 1:
-                out.append(int(row_logits.argmax()))
-                continue
-            probs = torch.softmax(row_logits / temperature, dim=-1)
-            if top_k > 0:
-                kth = probs.topk(int(top_k)).values[-1]
-                probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-            out.append(int(torch.multinomial(probs, 1, generator=self.generator)))
+            values, indices = row_logits.topk(int(top_k))
+            values = values / temperature
+            if top_p < 1.0:
+                cumulative = torch.softmax(values, dim=-1).cumsum(0)
+                cut = cumulative > max(float(cumulative.min()), top_p)
+                cut[0] = False  # the first token is always kept
+                values = values.masked_fill(cut, -3000.0)
+            cumulative = torch.softmax(values, dim=-1).cumsum(0)
+            drawn = int((torch.rand(1, generator=self.generator) > cumulative).sum())
+            out.append(int(indices[min(drawn, len(indices) - 1)]))
         return torch.tensor(out, dtype=torch.int32)
 
 

@@ -135,6 +135,11 @@ def test_on_device_sampling_is_used_for_greedy(tiny_model_dir, tokenizer, refere
     events = run(engine, {0: [request("g", prompt, 10), request("s", prompt, 10, do_sample=True, top_k=5, seed=1)]})
     assert token_ids(events["g"]) == reference(prompt, 10)
     assert len(events["s"]) == 10 and all(e.token.logprob == 0.0 for e in events["g"])
+    # A temperature and top_p positive but below float32's range would be 0 on the device, which refuses the
+    # whole batch's forward; the smallest float32 instead makes the device's draw the top token, greedy.
+    cold = dict(do_sample=True, temperature=1e-46, top_p=1e-46, seed=2)
+    events = run(engine, {0: [request("g", prompt, 10), request("cold", prompt, 10, **cold)]})
+    assert token_ids(events["g"]) == token_ids(events["cold"]) == reference(prompt, 10)
 
 
 # -- settings checked against the compiled model ----------------------------------------------------

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from neuron_serve.request import SamplingParams
 from neuron_serve.sampler import RequestSampler, choose
@@ -89,6 +90,36 @@ def test_frequency_penalty_lowers_repeated_tokens():
     plain = choose(logits, [RequestSampler(SamplingParams())], [[0, 0, 0, 1]])[0]
     penalized = choose(logits, [RequestSampler(SamplingParams(frequency_penalty=2.0))], [[0, 0, 0, 1]])[0]
     assert plain.token_id == 0 and penalized.token_id == 1
+
+
+@pytest.mark.parametrize("insertion", ["insert", "rebuild"])
+def test_a_temperature_near_zero_is_greedy_and_leaves_the_batch_alone(tiny_model_dir, tokenizer, reference, prompt,
+                                                                       insertion):
+    """TGI's parameters are float32: 1e-39 is a valid temperature, and divides the scores past float32's
+    range. Its limit is greedy; the requests beside it, running or newly inserted, do not notice."""
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=4, insertion=insertion)
+    events = run(engine, {0: [request("running", prompt, 10)],
+                          3: [request("beside", prompt, 10), request("cold", prompt, 10, **sampled(temperature=1e-39))]})
+    assert {rid: token_ids(e) for rid, e in events.items()} == {rid: reference(prompt, 10) for rid in events}
+    assert engine.consecutive_failures == 0
+
+
+def test_a_request_whose_sampling_fails_fails_alone(engine, prompt, monkeypatch):
+    """A fault in one request's own processors ends that request; its batch's forward did not fail."""
+    def broken(input_ids, scores):
+        raise RuntimeError("this request's processor broke")
+
+    real_init = RequestSampler.__init__
+
+    def init(self, params):
+        real_init(self, params)
+        if params.seed == 13:
+            self.processors = LogitsProcessorList([broken])
+
+    monkeypatch.setattr(RequestSampler, "__init__", init)
+    events = run(engine, {0: [request("ok", prompt, 6), request("bad", prompt, 6, **sampled(seed=13))]})
+    assert len(token_ids(events["ok"])) == 6 and "processor broke" in events["bad"][-1].message
+    assert engine.consecutive_failures == 0
 
 
 def test_logprobs_of_generated_and_prompt_tokens_match_the_model(engine, hf_model, prompt):

@@ -19,11 +19,13 @@ RULES = [
     ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
     ({"temperature": 0.0}, "`temperature` must be strictly positive"),
     ({"temperature": -1}, "`temperature` must be strictly positive"),
+    ({"temperature": 1e-46}, "`temperature` must be strictly positive"),  # TGI's f32: 0.0
     ({"repetition_penalty": 0.0}, "`repetition_penalty` must be strictly positive"),
     ({"frequency_penalty": 2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
     ({"frequency_penalty": -2.01}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
     ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
     ({"top_p": 0}, "`top_p` must be > 0.0 and < 1.0"),
+    ({"top_p": 0.99999999}, "`top_p` must be > 0.0 and < 1.0"),  # TGI's f32: 1.0
     ({"typical_p": 1.0}, "`typical_p` must be > 0.0 and < 1.0"),
     ({"typical_p": -0.5}, "`typical_p` must be > 0.0 and < 1.0"),
     ({"top_k": 0}, "`top_k` must be strictly positive"),
