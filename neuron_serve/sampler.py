@@ -77,14 +77,23 @@ class Choice:
     top_logprobs: list[float]
 
 
+def _processed(sampler: RequestSampler, history: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+    """One row's scores after its processors. In float32, unless that overflows: TGI's parameters are
+    float32, so a temperature or penalty can be as small as 1e-45 and divide the scores past float32's
+    range (never past float64's, where such a row is run again)."""
+    ids = torch.tensor([list(history)], dtype=torch.long, device=scores.device)
+    row = sampler.processors(ids, scores.to(torch.float32, copy=True))
+    if not torch.isfinite(row.max()):  # +inf or NaN (all -inf, which no processor leaves, reruns harmlessly)
+        row = sampler.processors(ids, scores.double())
+    return row
+
+
 def choose(logits: torch.Tensor, samplers: Sequence[RequestSampler],
            histories: Sequence[Sequence[int]]) -> list[Choice | Exception]:
     """Next token for each row of `logits` [rows, vocab]; `histories[i]`: row i's prompt + generated ids.
 
-    Rows with processors run them in float64: a float32 temperature or penalty near zero (TGI's
-    parameters are float32, so down to 1e-45) divides the scores past float32's range, never past
-    float64's. A row whose own choice fails anyway gets its exception in its place; the other rows of
-    the batch get their tokens."""
+    A row whose own choice fails gets its exception in its place; the other rows of the batch get
+    their tokens."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     token_ids = logprobs.argmax(dim=-1)
     failed: dict[int, Exception] = {}
@@ -94,8 +103,7 @@ def choose(logits: torch.Tensor, samplers: Sequence[RequestSampler],
         try:
             row = logprobs[i]
             if sampler.needs_history:
-                history = torch.tensor([list(histories[i])], dtype=torch.long, device=logits.device)
-                row = torch.log_softmax(sampler.processors(history, logits[i : i + 1].double()), dim=-1)[0]
+                row = torch.log_softmax(_processed(sampler, histories[i], logits[i : i + 1]), dim=-1)[0]
                 token_ids[i] = row.argmax()
             if sampler.generator is not None:
                 token_ids[i] = torch.multinomial(row.exp().cpu(), 1, generator=sampler.generator)[0]
