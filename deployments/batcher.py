@@ -106,7 +106,8 @@ class NeuronBatcher:
                   f"output_tokens={generated}")
         if isinstance(last, TokenEvent) and last.finish is not None:
             f = last.finish
-            logger.info("request done: %s finish=%s queue_ms=%.1f inference_ms=%.1f", fields, f.reason.value,
+            # Its queue here is this replica's; the ingress's x-queue-time adds the wait in Serve's queue.
+            logger.info("request done: %s finish=%s replica_queue_ms=%.1f inference_ms=%.1f", fields, f.reason.value,
                         f.queue_time * 1000, f.inference_time * 1000, extra=REQUEST_LINE)
         elif isinstance(last, ErrorEvent):
             logger.info("request failed: %s error=%r", fields, last.message, extra=REQUEST_LINE)

@@ -50,6 +50,10 @@ def _linear(upper: int, n: int = 100) -> list[float]:
 
 
 DURATION_BUCKETS = _duration_buckets()
+# TGI's are 1 to 1024 one by one. Ray exports every bucket of every replica as a series of its own, so
+# these stop at 64 one by one (an inf2 batch is rarely larger), then double. Fixed, not the batch size:
+# Ray's agent keeps the first bounds a histogram's name is registered with, for every app on its node.
+NEXT_SIZE_BUCKETS = [float(i) for i in range(1, 65)] + [128.0, 256.0, 512.0, 1024.0]
 
 
 class TgiHistogram:
@@ -98,14 +102,15 @@ class IngressMetrics:
     def received(self) -> None:
         self.count.inc()
 
-    def validated(self, seconds: float, input_length: int, max_new_tokens: int) -> None:
-        self.validation.observe(seconds)
+    def validated(self, input_length: int, max_new_tokens: int) -> None:
         self.input_length.observe(input_length)
         self.max_new_tokens.observe(min(max_new_tokens, DEFAULT_GENERATION_LENGTH))
 
-    def succeeded(self, total: float, queue: float, inference: float, generated_tokens: int) -> None:
+    def succeeded(self, total: float, validation: float, queue: float, inference: float, generated_tokens: int) -> None:
+        """As TGI, the durations are recorded for requests that succeed only."""
         self.success.inc()
         self.duration.observe(total)
+        self.validation.observe(validation)
         self.queue.observe(queue)
         self.inference.observe(inference)
         self.generated.observe(generated_tokens)
@@ -140,8 +145,8 @@ class BatcherMetrics:
         # TGI's queue is the ingresses' `tgi_queue_size`, which Serve's queue is part of; this is one batcher's.
         self.queue_size = gauge("neuron_serve_batcher_queue_size", "Requests this batcher took that wait for a row")
         self.max_total_tokens = gauge("tgi_batch_max_total_tokens", "Token capacity of the static batch")
-        self.next_size = TgiHistogram("tgi_batch_next_size", "New requests a prefill took in",
-                                      [float(i) for i in range(1, max(limits.max_batch_size, 2) + 1)], cores_only)
+        self.next_size = TgiHistogram("tgi_batch_next_size", "New requests a prefill took in", NEXT_SIZE_BUCKETS,
+                                      cores_only)
         d = lambda name, text: TgiHistogram(name, text, DURATION_BUCKETS, method)  # noqa: E731
         self.inference_duration = d("tgi_batch_inference_duration", "Whole step: forward, sampling, detokenizing (s)")
         self.forward_duration = d("tgi_batch_forward_duration", "Backend forward pass (s)")
@@ -172,19 +177,26 @@ class BatcherMetrics:
         self.queue_size.set(waiting)
 
     def record(self, step: StepStats) -> None:
+        """One engine step. As TGI, the batch's size and reason are counted when it forms, and a failed
+        forward records no duration."""
         tags = {"method": step.kind}
         self.inference_count.inc(tags=tags)
-        (self.inference_failure if step.failed else self.inference_success).inc(tags=tags)
-        self.inference_duration.observe(step.total_s, tags=tags)
-        self.forward_duration.observe(step.forward_s, tags=tags)
-        self.decode_duration.observe(step.total_s - step.forward_s, tags=tags)
-        self.filter_duration.observe(step.filter_s, tags=tags)
+        self.gauges(step.active, step.waiting)
         if step.inserted:
             self.next_size.observe(step.inserted)
         if step.concat is not None:
             self.concat.inc(tags={"reason": step.concat})
+        if step.failed:
+            self.inference_failure.inc(tags=tags)
+            return
+        self.inference_success.inc(tags=tags)
+        # TGI times the whole prefill or decode call, the hand-over of its tokens included.
+        self.inference_duration.observe(step.total_s + step.filter_s, tags=tags)
+        self.forward_duration.observe(step.forward_s, tags=tags)
+        self.decode_duration.observe(step.total_s - step.forward_s, tags=tags)
+        self.filter_duration.observe(step.filter_s, tags=tags)
+        if step.concat is not None:
             self.concat_duration.observe(step.total_s, tags={"method": "decode"})
-        self.gauges(step.active, step.waiting)
 
     def delivered(self, seconds: float, tokens: int, first: bool) -> None:
         """One hand-over of `tokens` token events to a request, `seconds` after it arrived (the first) or after

@@ -40,15 +40,15 @@ class EventSource(Protocol):
 
 class RequestMetrics(Protocol):
     def received(self) -> None: ...
-    def validated(self, seconds: float, input_length: int, max_new_tokens: int) -> None: ...
-    def succeeded(self, total: float, queue: float, inference: float, generated_tokens: int) -> None: ...
+    def validated(self, input_length: int, max_new_tokens: int) -> None: ...
+    def succeeded(self, total: float, validation: float, queue: float, inference: float, generated_tokens: int) -> None: ...
     def failed(self, err: str) -> None: ...
 
 
 class NoMetrics:
     def received(self) -> None: ...
-    def validated(self, seconds: float, input_length: int, max_new_tokens: int) -> None: ...
-    def succeeded(self, total: float, queue: float, inference: float, generated_tokens: int) -> None: ...
+    def validated(self, input_length: int, max_new_tokens: int) -> None: ...
+    def succeeded(self, total: float, validation: float, queue: float, inference: float, generated_tokens: int) -> None: ...
     def failed(self, err: str) -> None: ...
 
 
@@ -168,14 +168,16 @@ class TextGeneration:
     def _validate(self, inputs: str, params: GenerateParameters, **kwargs) -> ValidRequest:
         started = time.monotonic()
         valid = self.validator.validate(inputs, params, **kwargs)
-        self.metrics.validated(time.monotonic() - started, valid.input_length, valid.max_new_tokens)
+        valid.validation_s = time.monotonic() - started
+        self.metrics.validated(valid.input_length, valid.max_new_tokens)
         if self.config.log_prompts:  # a debug setting: prompts are never logged otherwise
             logger.info("request %s prompt=%r", valid.request.id, inputs, extra=REQUEST_LINE)
         return valid
 
-    def _succeeded(self, started: float, g: R.Generated) -> None:
+    def _succeeded(self, started: float, valid: ValidRequest, g: R.Generated) -> None:
         f = g.finish
-        self.metrics.succeeded(time.monotonic() - started, f.queue_time, f.inference_time, f.generated_tokens)
+        self.metrics.succeeded(time.monotonic() - started, valid.validation_s, f.queue_time, f.inference_time,
+                               f.generated_tokens)
 
     async def _tokens(self, valid: ValidRequest, started: float) -> AsyncIterator[list[TokenEvent]]:
         """The request's token events up to its last one, as handed over, for the streaming routes: a
@@ -186,7 +188,7 @@ class TextGeneration:
                 tokens = [e for e in events if isinstance(e, TokenEvent)]
                 last = tokens[-1].finish if tokens else None
                 if last is not None:
-                    self._succeeded(started, R.Generated(finish=last))
+                    self._succeeded(started, valid, R.Generated(finish=last))
                 if tokens:
                     yield tokens
                 if len(tokens) < len(events):  # an error event ends a hand-over
@@ -209,7 +211,7 @@ class TextGeneration:
                 timings.validated = time.monotonic()
                 runs = await _all(R.gather(self.source.stream(r)) for r in self._best_of_requests(valid))
             best = max(runs, key=lambda g: g.mean_logprob)
-            self._succeeded(timings.start, best)
+            self._succeeded(timings.start, valid, best)
         others = [g for g in runs if g is not best]
         self._finish_timings(timings, valid, best)
         return R.generate_response(valid, best, others), timings.headers(self.compute_type)
@@ -308,7 +310,7 @@ class TextGeneration:
                 valid = self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
                 timings.validated = time.monotonic()
                 generated = await R.gather(self.source.stream(valid.request))
-            self._succeeded(timings.start, generated)
+            self._succeeded(timings.start, valid, generated)
         self._finish_timings(timings, valid, generated)
         return R.chat_completion(ctx, valid, generated), timings.headers(self.compute_type)
 
@@ -369,7 +371,7 @@ class TextGeneration:
                 valid = self._validate(prompt, params)
                 timings.validated = time.monotonic()
                 generated = await R.gather(self.source.stream(valid.request))
-                self._succeeded(timings.start, generated)
+                self._succeeded(timings.start, valid, generated)
             self._finish_timings(timings, valid, generated)
             return (index, valid, generated), timings.headers(self.compute_type)
 

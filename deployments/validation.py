@@ -38,6 +38,7 @@ class ValidRequest:
     return_full_text: bool
     top_n_tokens: int
     max_new_tokens: int  # what was asked (or derived), before the total-length cap
+    validation_s: float = 0.0  # how long validating took, recorded once the request succeeds (as TGI)
 
 
 class Validator:

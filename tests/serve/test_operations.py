@@ -85,18 +85,29 @@ def test_metrics_expose_tgi_names_aggregated_over_replicas(app, cluster):
 
 def test_metrics_sums_are_exact_and_bucket_bounds_are_tgis(cluster):
     """Ray rebuilds each histogram's `_sum` from its bucket midpoints (1 token would count as 1.28 here);
-    /metrics prints the exact totals, and writes bucket bounds as TGI does."""
-    url = cluster.deploy("sums", {**SIDE_ARGS, "num_replicas": 1})
+    /metrics prints the exact totals, and writes bucket bounds as TGI does. As TGI, durations are those
+    of what succeeded: a refused request records no validation time, a failed forward no duration."""
+    from ray import serve
+
+    url = cluster.deploy("sums", {**SIDE_ARGS, "num_replicas": 1, "fault_injection": True})
     try:
-        generated = prompt = 0
+        generated = prompt = hi_tokens = 0
         for max_new_tokens, text in [(1, "Hi"), (3, "Hello there"), (7, "Once upon a time")]:
             r = httpx.post(f"{url}/generate", json={"inputs": text, "parameters": {"max_new_tokens": max_new_tokens}},
                            timeout=60)
             assert r.status_code == 200, r.text
             generated += int(r.headers["x-generated-tokens"])
             prompt += int(r.headers["x-prompt-tokens"])
-        wanted = ["tgi_request_count 3", f"tgi_request_generated_tokens_sum {generated}",
-                  f"tgi_request_input_length_sum {prompt}", "tgi_request_max_new_tokens_sum 11"]
+            hi_tokens = hi_tokens if text != "Hi" else int(r.headers["x-prompt-tokens"])
+        refused = httpx.post(f"{url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}}, timeout=60)
+        assert refused.status_code == 422
+        serve.get_deployment_handle("NeuronBatcher", app_name="sums").inject_fault.remote("prefill", 1).result()
+        failed = httpx.post(f"{url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
+        assert failed.status_code == 424  # validated (its lengths count), then its prefill failed
+        wanted = ["tgi_request_count 5", "tgi_request_success 3", "tgi_request_validation_duration_count 3",
+                  "tgi_request_duration_count 3", f"tgi_request_generated_tokens_sum {generated}",
+                  f"tgi_request_input_length_sum {prompt + hi_tokens}", "tgi_request_max_new_tokens_sum 13",
+                  'tgi_batch_inference_failure{method="prefill"} 1']
         deadline = time.monotonic() + 60
         while True:
             lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
@@ -104,6 +115,10 @@ def test_metrics_sums_are_exact_and_bucket_bounds_are_tgis(cluster):
                 break
             time.sleep(2)
         assert [w for w in wanted if w not in lines] == [], [line for line in lines if "_sum" in line]
+        values = dict(line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))
+        # Every successful prefill (the deploy's health probe among them) has its duration; the failed one none.
+        prefills = values['tgi_batch_inference_success{method="prefill"}']
+        assert int(prefills) >= 3 and values['tgi_batch_inference_duration_count{method="prefill"}'] == prefills
         # TGI's first duration bound, 0.0001 x 1.5, in Rust's shortest form.
         assert any(line.startswith('tgi_request_duration_bucket{le="0.00015000000000000001"}') for line in lines)
         assert not [line for line in lines if "exact" in line]
@@ -228,7 +243,7 @@ def test_one_structured_log_line_per_request_without_the_prompt(app):
         lines = [line for line in replica_lines(request_id, "NeuronBatcher") if "request done:" in line]
         time.sleep(0.5)
     assert len(lines) == 1, lines
-    assert re.search(r"replica=\w+ cores=(0,1|2,3) input_tokens=\d+ output_tokens=3 finish=length queue_ms=[\d.]+ "
+    assert re.search(r"replica=\w+ cores=(0,1|2,3) input_tokens=\d+ output_tokens=3 finish=length replica_queue_ms=[\d.]+ "
                      r"inference_ms=[\d.]+", lines[0]), lines[0]
     everything = "".join(f.read_text() for f in replica_logs())
     assert prompt not in everything
