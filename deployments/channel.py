@@ -29,6 +29,7 @@ logger = logging.getLogger("ray.serve")
 
 SECRET_BYTES = 16
 LENGTH_BYTES = 4
+SECRET_WAIT_S = 5.0  # a connection that has not presented the secret by then is closed
 
 
 class ChannelError(ConnectionError):
@@ -79,7 +80,8 @@ class Inbox:
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
         try:
-            if not hmac.compare_digest(await reader.readexactly(SECRET_BYTES), self.secret):
+            presented = await asyncio.wait_for(reader.readexactly(SECRET_BYTES), SECRET_WAIT_S)
+            if not hmac.compare_digest(presented, self.secret):
                 logger.warning("Inbox: refused a connection from %s without the secret",
                                writer.get_extra_info("peername"))
                 return
@@ -92,6 +94,9 @@ class Inbox:
                         queue.put_nowait(events)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the batcher went away; its Serve calls report that to their callers
+        except asyncio.TimeoutError:
+            logger.warning("Inbox: closed a connection from %s that sent no secret in %.0f s",
+                           writer.get_extra_info("peername"), SECRET_WAIT_S)
         finally:
             self._connections.discard(writer)
             writer.close()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 import ray
@@ -101,8 +102,11 @@ class BatcherSource:
         reply_to = await self.inbox.address()
         sent = time.monotonic()
         for attempt in range(1, self.ATTEMPTS + 1):
-            events_in = self.inbox.open(request.id)
-            response = self.handle.generate.remote(request, reply_to)
+            # A resend goes under an id of its own: a replica that was unreachable, not dead, may still
+            # run the first, and its events must not reach this one, nor its id be in flight twice there.
+            outgoing = request if attempt == 1 else replace(request, id=f"{request.id}.{attempt}")
+            events_in = self.inbox.open(outgoing.id)
+            response = self.handle.generate.remote(outgoing, reply_to)
             call = asyncio.ensure_future(response)
             call.add_done_callback(events_in.put_nowait)  # the call's end arrives in line with the events
             started = finished = returned = False
@@ -142,7 +146,7 @@ class BatcherSource:
             except Exception as e:  # the replica could not be reached, or failed outside the engine
                 failure = e
             finally:
-                self.inbox.close(request.id)
+                self.inbox.close(outgoing.id)
                 if not finished:
                     response.cancel()
                     call.cancel()

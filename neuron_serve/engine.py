@@ -87,8 +87,10 @@ class Engine:
             self._inbox.append(WaitingRequest(request, time.monotonic()))
 
     def cancel(self, request_id: str) -> None:
-        """Forget a request (its caller stopped listening); its row is freed at the next step."""
+        """Forget a request (its caller stopped listening); its row is freed at the next step. A request
+        submitted later under the same id is a new one, and runs."""
         with self._lock:
+            self._inbox = [w for w in self._inbox if w.request.id != request_id]
             self._cancelled.add(request_id)
 
     @property
@@ -154,6 +156,11 @@ class Engine:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             cancelled, self._cancelled = self._cancelled, set()
+        if cancelled:  # before this inbox: `cancel` took its own requests out of it already
+            self.waiting = deque(w for w in self.waiting if w.request.id not in cancelled)
+            for slot in self.batch.active():
+                if slot.id in cancelled:
+                    self.batch.release(slot)
         rejected: list[Event] = []
         for waiting in inbox:
             problem = self._unfit(waiting.request)
@@ -161,11 +168,6 @@ class Engine:
                 rejected.append(ErrorEvent(waiting.request.id, problem, error_type="validation"))
             else:
                 self.waiting.append(waiting)
-        if cancelled:
-            self.waiting = deque(w for w in self.waiting if w.request.id not in cancelled)
-            for slot in self.batch.active():
-                if slot.id in cancelled:
-                    self.batch.release(slot)
         return rejected
 
     def _unfit(self, request: GenerationRequest) -> str | None:

@@ -79,6 +79,27 @@ class CancelDuringPrefill:
         return self.inner.decode(rows, token_ids, positions, sampling)
 
 
+def test_a_request_sent_again_under_a_cancelled_id_runs(tiny_model_dir, tokenizer, reference, prompt_ids):
+    """Cancelled, then submitted again under its id before the next step (a caller that gave up on one
+    call and made another): the new one is served, whether the old one had a row or was waiting."""
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=1)
+    before = {}
+
+    def on_step(step, engine, events):
+        if step == 2:
+            before.update({rid: len(events[rid]) for rid in ("again", "queued")})
+            engine.cancel("again")  # decoding in the only row
+            engine.cancel("queued")  # waiting behind it
+            engine.submit(request("again", prompt_ids[1], 5))
+            engine.submit(request("queued", prompt_ids[2], 5))
+
+    events = run(engine, {0: [request("again", prompt_ids[0], 25), request("queued", prompt_ids[0], 25)]},
+                 on_step=on_step)
+    assert before == {"again": 2, "queued": 0}
+    assert token_ids(events["again"][2:]) == reference(prompt_ids[1], 5)
+    assert token_ids(events["queued"]) == reference(prompt_ids[2], 5)
+
+
 @pytest.mark.parametrize("insertion", ["insert", "rebuild"])
 def test_cancel_waiting_prefilling_and_decoding_frees_only_that_request(tiny_model_dir, tokenizer, reference, prompt_ids, insertion):
     engine = make_engine(tiny_model_dir, tokenizer, batch_size=2, insertion=insertion)

@@ -116,10 +116,12 @@ def test_a_stream_waiting_for_a_row_gets_keep_alive_comments(narrow):
     assert all(r.complete and len(r.tokens) == 300 for r in others)
 
 
-def test_a_client_gone_mid_stream_frees_its_row(narrow):
+@pytest.mark.parametrize("headers", [{}, {"x-request-disconnect-disabled": "?1"}], ids=["plain", "serve-watch-off"])
+def test_a_client_gone_mid_stream_frees_its_row(narrow, headers):
     """Serve cancels the request of a client that hung up, and the engine frees its row at the next step,
-    long before its 1000 tokens (~17 s) would have ended it."""
-    with httpx.Client(timeout=60) as client:
+    long before its 1000 tokens (~17 s) would have ended it. So does the app where the client turned
+    Serve's watch off with Serve's own header."""
+    with httpx.Client(timeout=60, headers=headers) as client:
         with client.stream("POST", f"{narrow}/generate_stream", json=body(1000)) as response:
             seen = [line for line, _ in zip(response.iter_lines(), range(12)) if line.startswith("data:")]
             assert len(seen) >= 2

@@ -9,7 +9,9 @@ import pickle
 import pytest
 
 from deployments.channel import Address, ChannelError, Inbox, Outbox
-from neuron_serve.request import Token, TokenEvent
+from neuron_serve.request import (
+    Finish, FinishReason, GenerationRequest, SamplingParams, StoppingParams, Token, TokenEvent,
+)
 
 
 def token(request_id: str, index: int) -> TokenEvent:
@@ -122,3 +124,94 @@ def test_an_ingress_that_goes_away_fails_the_requests_waiting_on_it():
 def test_the_address_travels_with_a_request_without_showing_its_secret():
     address = Address("10.0.0.1", 4000, b"s" * 16)
     assert "secret" not in repr(address) and hash(address) == hash(Address("10.0.0.1", 4000, b"s" * 16))
+
+
+class _Response:
+    """What a Serve handle's call returns, enough for the ingress: awaitable, cancellable."""
+
+    def __init__(self, coroutine):
+        self._task = asyncio.ensure_future(coroutine)
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self):
+        self._task.cancel()
+
+
+class _UnreachableThenServed:
+    """A handle whose first call reports its replica unreachable, while that replica, alive, goes on
+    sending the request's events; the next call is served by another replica."""
+
+    def __init__(self):
+        self.generate = self
+        self.ids: list[str] = []
+        self.stale: asyncio.Task | None = None
+
+    def remote(self, request, reply_to):
+        self.ids.append(request.id)
+        return _Response(self._unreachable(request, reply_to) if len(self.ids) == 1 else self._served(request, reply_to))
+
+    async def _unreachable(self, request, reply_to):
+        from ray.exceptions import ActorUnavailableError
+
+        async def go_on():  # the first replica's step loop did not hear of the failed call
+            channel = Outbox().channel(reply_to)
+            for index in range(100, 103):
+                await asyncio.sleep(0.05)
+                channel.send(request.id, [token(request.id, index)])
+            await channel.drain()
+
+        self.stale = asyncio.ensure_future(go_on())
+        raise ActorUnavailableError("injected: the replica cannot be reached", None)
+
+    async def _served(self, request, reply_to):
+        channel = Outbox().channel(reply_to)
+        await asyncio.sleep(0.3)  # after every stale event came
+        channel.send(request.id, [token(request.id, 1), token(request.id, 2)])
+        last = token(request.id, 3)
+        last.finish = Finish(FinishReason.LENGTH, "", 3, None, 0.0, 0.0)
+        channel.send(request.id, [last])
+        await channel.drain()
+
+
+def test_a_request_sent_again_hears_only_its_new_replica():
+    """An unreachable replica may not be dead: a resend goes under an id of its own, so the first
+    replica's events cannot mix into the answer."""
+    from deployments.ingress import BatcherSource
+
+    async def main():
+        inbox = Inbox("127.0.0.1")
+        handle = _UnreachableThenServed()
+
+        async def not_deleting():
+            return False
+
+        source = BatcherSource(handle, inbox, not_deleting)
+        request = GenerationRequest("r", (1, 2), SamplingParams(), StoppingParams(3))
+        got = [[e.index for e in events] async for events in source.stream(request)]
+        await handle.stale
+        await inbox.stop()
+        return handle.ids, got
+
+    ids, got = asyncio.run(main())
+    assert [i for events in got for i in events] == [1, 2, 3]
+    assert ids == ["r", "r.2"]
+
+
+def test_a_connection_that_sends_no_secret_is_closed(monkeypatch):
+    """A port scan or a stalled peer holds no task or descriptor of the ingress for long."""
+    from deployments import channel
+
+    monkeypatch.setattr(channel, "SECRET_WAIT_S", 0.2)
+
+    async def main():
+        inbox = Inbox("127.0.0.1")
+        address = await inbox.address()
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        closed = await asyncio.wait_for(reader.read(1), 5)  # end of stream: the inbox hung up
+        writer.close()
+        await inbox.stop()
+        return closed
+
+    assert asyncio.run(main()) == b""
