@@ -17,8 +17,10 @@ RUN pip install --no-cache-dir '.[neuron]' --extra-index-url https://pip.repos.n
 # neuron-ls on PATH: Ray runs it to count the NeuronCores it offers as `neuron_cores`.
 # /data holds hub downloads (HF_HOME), the Neuron compiler's cache and compiled models (neuron-serve's
 # cache, $XDG_CACHE_HOME/neuron-serve): mount a volume there so a restart does not recompile.
+# Hub downloads directly under /data, as neuronx-tgi keeps them: its volumes serve here as they are.
 ENV PATH=/opt/aws/neuron/bin:$PATH \
     HF_HOME=/data \
+    HF_HUB_CACHE=/data \
     XDG_CACHE_HOME=/data \
     NEURON_COMPILE_CACHE_URL=/data/neuron-compile-cache \
     PYTHONUNBUFFERED=1
@@ -28,10 +30,11 @@ VOLUME /data
 EXPOSE 8000 8265 8080
 
 # The base image's entrypoint and health check start TorchServe: replace them.
-ENTRYPOINT []
 HEALTHCHECK --start-period=30m CMD curl -fs http://localhost:8000/health || exit 1
 # Ray with its metrics on 8080, then the app; SIGTERM drains in-flight requests first (see the script).
-# TGI variables (MODEL_ID, HF_TOKEN, MAX_BATCH_SIZE, HF_NUM_CORES, ...) override serve_config.yaml's args.
-# On KubeRay the pod's command replaces this line.
+# TGI variables (MODEL_ID, HF_TOKEN, MAX_BATCH_SIZE, HF_NUM_CORES, ...) and, as with neuronx-tgi, TGI
+# launcher arguments after the image name (--model-id, --max-batch-size, ...) override serve_config.yaml's
+# args. On KubeRay the pod's command replaces the entrypoint.
 STOPSIGNAL SIGTERM
-CMD ["scripts/container_start.sh"]
+ENTRYPOINT ["scripts/container_start.sh"]
+CMD []

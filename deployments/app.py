@@ -17,7 +17,7 @@ from ray.serve import Application
 
 from neuron_serve.config import Config, load_config
 from neuron_serve.errors import ConfigError
-from neuron_serve.loading import model_limits, settle_config
+from neuron_serve.loading import model_limits, settle_config, settle_cores
 from neuron_serve.model_files import resolve_model_dir
 
 from .batcher import NeuronBatcher
@@ -68,11 +68,11 @@ def _cluster_neuron_cores() -> float:
 def build_app(args: dict[str, Any]) -> Application:
     """Ray Serve builder: `import_path: deployments.app:build_app`, `args:` = `Config` fields."""
     config = load_config(args)
+    model_dir = resolve_model_dir(config, weights=False)
+    config = settle_cores(config, model_dir)
     layout = plan_layout(config, _cluster_neuron_cores())
     logger.info("neuron-serve: %s", layout.reason)
-    config = config.model_copy(update={"backend": layout.backend})
-    model_dir = resolve_model_dir(config, weights=False)
-    config = settle_config(config, model_dir)
+    config = settle_config(config.model_copy(update={"backend": layout.backend}), model_dir)
     slots = model_limits(config, model_dir).max_batch_size
 
     actor_options: dict[str, Any] = {"num_cpus": config.replica_cpus, "runtime_env": {"env_vars": SERVE_ENV}}

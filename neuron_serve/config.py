@@ -23,8 +23,8 @@ DEFAULT_MAX_TOTAL_TOKENS = 4096  # TGI's cap when max_total_tokens is not set
 
 # Setting → environment variables that set it, first match wins (TGI launcher and neuronx-tgi names).
 ENV_NAMES: dict[str, tuple[str, ...]] = {
-    "model_id": ("MODEL_ID",),
-    "revision": ("REVISION",),
+    "model_id": ("MODEL_ID", "HF_MODEL_ID"),  # HF_MODEL_ID: SageMaker's
+    "revision": ("REVISION", "HF_MODEL_REVISION"),
     "hf_token": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
     "dtype": ("DTYPE",),
     "max_batch_size": ("MAX_BATCH_SIZE",),
@@ -119,7 +119,7 @@ class Config(BaseModel):
     # neuronx-tgi export settings, used when a hub model is not compiled yet
     export_batch_size: int | None = Field(None, gt=0)
     export_sequence_length: int | None = Field(None, gt=1)
-    export_auto_cast_type: Literal["bf16", "fp16"] | None = None
+    export_auto_cast_type: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = None
     export_num_cores: int | None = Field(None, gt=0)
 
     @property
@@ -140,6 +140,14 @@ class Config(BaseModel):
                     f"`max_batch_prefill_tokens` ({self.max_batch_prefill_tokens}) must be >= `max_input_tokens` "
                     f"({self.max_input_tokens})"
                 )
+        # neuronx-tgi compiles for the MAX_* limits it serves: two values for one dimension cannot both hold.
+        for export, export_env, limit, limit_env in (
+            (self.export_batch_size, "HF_BATCH_SIZE", self.max_batch_size, "MAX_BATCH_SIZE"),
+            (self.export_sequence_length, "HF_SEQUENCE_LENGTH", self.max_total_tokens, "MAX_TOTAL_TOKENS"),
+        ):
+            if export is not None and limit is not None and export != limit:
+                raise ValueError(f"{export_env} ({export}) and {limit_env} ({limit}) must be equal: a Neuron model "
+                                 "serves exactly the batch and sequence length it was compiled for")
         return self
 
 
@@ -165,12 +173,23 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(lines)
 
 
+# Settings that belong to a model: its static batch and the cores it was compiled for.
+MODEL_SHAPE = ("max_batch_size", "max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens", "cores_per_replica")
+
+
 def load_config(args: Mapping[str, Any] | Config | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Defaults, overridden by `args` (serve_config.yaml), overridden by TGI environment variables."""
+    """Defaults, overridden by `args` (serve_config.yaml), overridden by TGI environment variables.
+
+    A model named in the environment replaces the args' model together with the shape the args give it:
+    as with neuronx-tgi, its limits then come from the environment or from the model itself."""
     if isinstance(args, Config):
         args = args.model_dump(exclude_unset=True)
     values = {k: v for k, v in dict(args or {}).items() if v is not None}
-    values.update(_env_values(os.environ if environ is None else environ))
+    env = _env_values(os.environ if environ is None else environ)
+    if "model_id" in env and env["model_id"] != values.get("model_id", TINY_MODEL_ID):
+        for setting in MODEL_SHAPE:
+            values.pop(setting, None)
+    values.update(env)
     try:
         return Config.model_validate(values)
     except ValidationError as e:
@@ -198,9 +217,9 @@ def resolve_limits(
 
     `max_positions` is how many tokens the model can attend to. A compiled (Neuron) model also
     fixes its batch size and sequence length, and then neuronx-tgi's rules apply:
-    max_batch_size == batch_size, max_total_tokens == sequence_length,
-    max_batch_prefill_tokens == batch_size * max_input_tokens. Missing values are derived as
-    neuronx-tgi does: max_input_tokens = max_total_tokens // 2.
+    max_batch_size == batch_size, max_total_tokens == sequence_length. Missing values are derived as
+    neuronx-tgi does: max_input_tokens = max_total_tokens // 2, max_batch_prefill_tokens =
+    batch_size * max_input_tokens (which it recommends, and does not require).
     """
     compiled = compiled_batch_size is not None
     batch_size = config.max_batch_size or compiled_batch_size or DEFAULT_BATCH_SIZE
@@ -221,11 +240,6 @@ def resolve_limits(
         raise ConfigError(f"`max_total_tokens` ({total}) must be <= the model's maximum positions ({max_positions})")
     if max_input >= total:
         raise ConfigError(f"`max_input_tokens` ({max_input}) must be < `max_total_tokens` ({total})")
-    if compiled and prefill != batch_size * max_input:
-        raise ConfigError(
-            f"`max_batch_prefill_tokens` ({prefill}) must be equal to batch_size * max_input_tokens "
-            f"({batch_size} * {max_input} = {batch_size * max_input}) for a compiled model"
-        )
     if prefill < max_input:
         raise ConfigError(f"`max_batch_prefill_tokens` ({prefill}) must be >= `max_input_tokens` ({max_input})")
     return Limits(batch_size, max_input, total, prefill)

@@ -40,6 +40,18 @@ def model_limits(config: Config, model_dir) -> Limits:
     return resolve_limits(config, max_positions=_max_positions(model_dir))
 
 
+def settle_cores(config: Config, model_dir) -> Config:
+    """`cores_per_replica` where it was not set, as neuronx-tgi sizes itself: the cores a compiled model was
+    compiled for, else HF_NUM_CORES, else the default."""
+    if "cores_per_replica" in config.model_fields_set:
+        return config
+    from .backends.neuron_models import read_neuron_config
+
+    compiled = read_neuron_config(Path(model_dir))
+    cores = int(compiled["tp_degree"]) if compiled else config.export_num_cores
+    return config.model_copy(update={"cores_per_replica": cores}) if cores else config
+
+
 def settle_config(config: Config, model_dir) -> Config:
     """What every process of an app runs with, decided once where the app is built: for a Neuron model
     still to be compiled with no batch size asked for, the Neuron model cache's batch size."""

@@ -34,7 +34,8 @@ from ..tiny_model import default_cache_dir
 logger = logging.getLogger(__name__)
 
 NEURON_CONFIG_FILE = "neuron_config.json"
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "float32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,12 @@ def check_against_settings(config: Config, shape: CompiledShape) -> None:
         )
     if config.export_num_cores is not None and config.export_num_cores != shape.tp_degree:
         raise ConfigError(f"HF_NUM_CORES ({config.export_num_cores}) must be equal to the compiled model's tp_degree ({shape.tp_degree})")
+    if config.export_batch_size is not None and config.export_batch_size != shape.batch_size:
+        raise ConfigError(f"HF_BATCH_SIZE ({config.export_batch_size}) must be equal to the compiled model's batch_size "
+                          f"({shape.batch_size})")
+    if config.export_sequence_length is not None and config.export_sequence_length != shape.sequence_length:
+        raise ConfigError(f"HF_SEQUENCE_LENGTH ({config.export_sequence_length}) must be equal to the compiled model's "
+                          f"sequence_length ({shape.sequence_length})")
     if config.export_auto_cast_type and DTYPES[config.export_auto_cast_type] != shape.dtype:
         raise ConfigError(
             f"HF_AUTO_CAST_TYPE ({config.export_auto_cast_type}) must match the compiled model's dtype ({shape.dtype})"

@@ -24,6 +24,36 @@ def test_defaults_then_args_then_env():
     assert load_config({}, environ={"MAX_INPUT_TOKENS": "7", "MAX_INPUT_LENGTH": "9"}).max_input_tokens == 7
 
 
+IMAGE_ARGS = {"model_id": TINY_MODEL_ID, "cores_per_replica": 2, "max_batch_size": 8, "max_total_tokens": 1024,
+              "max_input_tokens": 512}  # what serve_config.yaml gives the built-in model
+
+
+def test_a_model_named_in_the_environment_comes_with_its_own_shape():
+    """`docker run -e MODEL_ID=...` as with neuronx-tgi: the args' limits were the args' model's."""
+    config = load_config(IMAGE_ARGS, environ={"MODEL_ID": "aws-neuron/model"})
+    assert config.model_id == "aws-neuron/model"
+    assert (config.max_batch_size, config.max_total_tokens, config.max_input_tokens) == (None, None, None)
+    assert "cores_per_replica" not in config.model_fields_set
+    config = load_config(IMAGE_ARGS, environ={"HF_MODEL_ID": "org/m", "HF_MODEL_REVISION": "v2", "MAX_BATCH_SIZE": "4"})
+    assert (config.model_id, config.revision, config.max_batch_size, config.max_total_tokens) == ("org/m", "v2", 4, None)
+    same = load_config(IMAGE_ARGS, environ={"MODEL_ID": TINY_MODEL_ID})
+    assert (same.max_batch_size, same.max_total_tokens) == (8, 1024)
+    assert load_config(IMAGE_ARGS, environ={"MAX_BATCH_SIZE": "4"}).max_total_tokens == 1024
+
+
+def test_replicas_take_the_cores_a_model_was_compiled_for(tiny_model_dir, tmp_path):
+    """Unless set, `cores_per_replica` is the compiled tp_degree, else HF_NUM_CORES, as neuronx-tgi sizes itself."""
+    from neuron_serve.loading import settle_cores
+
+    compiled = tmp_path / "compiled"
+    compiled.mkdir()
+    (compiled / "neuron_config.json").write_text('{"tp_degree": 8, "batch_size": 4, "sequence_length": 4096}')
+    assert settle_cores(load_config({}, environ={}), compiled).cores_per_replica == 8
+    assert settle_cores(load_config({}, environ={"HF_NUM_CORES": "4"}), tiny_model_dir).cores_per_replica == 4
+    assert settle_cores(load_config({}, environ={}), tiny_model_dir).cores_per_replica == 2
+    assert settle_cores(load_config({"cores_per_replica": 2}, environ={}), compiled).cores_per_replica == 2  # then checked
+
+
 @pytest.mark.parametrize("args, env, message", [
     ({"max_input_tokens": 300, "max_total_tokens": 200}, {}, "`max_input_tokens` (300) must be < `max_total_tokens` (200)"),
     ({}, {"MAX_INPUT_TOKENS": "512", "MAX_TOTAL_TOKENS": "512"}, "`max_input_tokens` (512) must be < `max_total_tokens` (512)"),
@@ -32,7 +62,9 @@ def test_defaults_then_args_then_env():
     ({}, {"MAX_BATCH_SIZE": "eight"}, "`max_batch_size` (env MAX_BATCH_SIZE): Input should be a valid integer"),
     ({"insertion": "append"}, {}, "`insertion`: Input should be 'auto', 'insert' or 'rebuild'"),
     ({"max_batch_sise": 8}, {}, "`max_batch_sise`: Extra inputs are not permitted"),
-    ({}, {"HF_AUTO_CAST_TYPE": "fp8"}, "`export_auto_cast_type` (env HF_AUTO_CAST_TYPE): Input should be 'bf16' or 'fp16'"),
+    ({}, {"HF_AUTO_CAST_TYPE": "fp8"}, "`export_auto_cast_type` (env HF_AUTO_CAST_TYPE): Input should be 'bf16', 'fp16'"),
+    ({}, {"HF_BATCH_SIZE": "4", "MAX_BATCH_SIZE": "8"}, "HF_BATCH_SIZE (4) and MAX_BATCH_SIZE (8) must be equal"),
+    ({"max_total_tokens": 4096}, {"HF_SEQUENCE_LENGTH": "2048"}, "HF_SEQUENCE_LENGTH (2048) and MAX_TOTAL_TOKENS (4096) must be equal"),
 ])
 def test_invalid_settings_name_the_setting(args, env, message):
     with pytest.raises(ConfigError) as error:
@@ -49,6 +81,10 @@ def test_limits_are_derived_from_the_model_like_neuronx_tgi():
     compiled = resolve_limits(Config(), max_positions=8192, compiled_batch_size=4, compiled_sequence_length=2048)
     assert (compiled.max_batch_size, compiled.max_total_tokens, compiled.max_input_tokens,
             compiled.max_batch_prefill_tokens) == (4, 2048, 1024, 4096)
+    # neuronx-tgi recommends batch_size x max_input_tokens, and does not require it
+    smaller = resolve_limits(Config(max_batch_prefill_tokens=2048), max_positions=8192, compiled_batch_size=4,
+                             compiled_sequence_length=2048)
+    assert smaller.max_batch_prefill_tokens == 2048
 
 
 @pytest.mark.parametrize("config, kwargs, message", [
@@ -58,8 +94,6 @@ def test_limits_are_derived_from_the_model_like_neuronx_tgi():
      "`max_batch_size` (8) must be equal to the compiled model's batch_size (4)"),
     (Config(max_total_tokens=1024), dict(max_positions=4096, compiled_batch_size=4, compiled_sequence_length=4096),
      "`max_total_tokens` (1024) must be equal to the compiled model's sequence_length (4096)"),
-    (Config(max_batch_prefill_tokens=4096), dict(max_positions=4096, compiled_batch_size=4, compiled_sequence_length=4096),
-     "`max_batch_prefill_tokens` (4096) must be equal to batch_size * max_input_tokens (4 * 2048 = 8192)"),
     (Config(max_batch_prefill_tokens=500), dict(max_positions=1024),
      "`max_batch_prefill_tokens` (500) must be >= `max_input_tokens` (512)"),
 ])

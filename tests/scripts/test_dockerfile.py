@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,12 +77,41 @@ def test_compiled_models_and_downloads_are_kept_on_the_data_volume(parsed, monke
     assert variables["HF_HOME"].startswith("/data") and variables["NEURON_COMPILE_CACHE_URL"].startswith("/data/")
 
 
-def test_the_default_command_starts_ray_and_serve_run_and_drains_on_sigterm(parsed):
-    [cmd] = values(parsed, "CMD")
-    script = json.loads(cmd)[0]
+def test_the_entrypoint_starts_ray_and_serve_run_and_drains_on_sigterm(parsed):
+    [entrypoint] = values(parsed, "ENTRYPOINT")  # not the base image's TorchServe entrypoint
+    script = json.loads(entrypoint)[0]
+    assert values(parsed, "CMD") == ["[]"]  # what follows the image name is the script's arguments
     assert any(script in args.split() for args in values(parsed, "COPY"))  # the image has it
     text = (DOCKERFILE.parent / script).read_text()
     assert "serve run serve_config.yaml" in text and "--metrics-export-port=8080" in text
     assert "trap 'python -m deployments.drain" in text and "TERM" in text
     assert subprocess.run(["sh", "-n", str(DOCKERFILE.parent / script)]).returncode == 0
-    assert values(parsed, "ENTRYPOINT") == ["[]"]  # not the base image's TorchServe entrypoint
+
+
+def fake_cluster(tmp_path: Path) -> dict[str, str]:
+    """`ray` and `serve` that write down the TGI variables `serve run` would read."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ray", "serve"):
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho \"{tool} $*: MODEL_ID=$MODEL_ID MAX_BATCH_SIZE=$MAX_BATCH_SIZE "
+                                    f"MAX_INPUT_LENGTH=$MAX_INPUT_LENGTH\" >> {tmp_path}/calls\n")
+        (bin_dir / tool).chmod(0o755)
+    python_dir = Path(sys.executable).parent  # `python -m neuron_serve.launcher`, as in the image
+    return {**os.environ, "PATH": f"{bin_dir}:{python_dir}:{os.environ['PATH']}"}
+
+
+def test_tgi_launcher_arguments_after_the_image_name_become_tgi_variables(tmp_path):
+    """`docker run IMAGE --model-id aws-neuron/m --max-batch-size 1 --max-input-length 1024`, as neuronx-tgi."""
+    script = DOCKERFILE.parent / "scripts" / "container_start.sh"
+    env = fake_cluster(tmp_path)
+    args = ["--model-id", "aws-neuron/m", "--max-batch-size", "1", "--max-input-length=1024"]
+    done = subprocess.run(["sh", str(script), *args], env=env, cwd=DOCKERFILE.parent, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert "serve run serve_config.yaml: MODEL_ID=aws-neuron/m MAX_BATCH_SIZE=1 MAX_INPUT_LENGTH=1024" in calls
+    (tmp_path / "calls").unlink()
+    refused = subprocess.run(["sh", str(script), "--sharded", "true"], env=env, cwd=DOCKERFILE.parent,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--sharded is not a setting of neuron-serve" in refused.stderr
+    assert not (tmp_path / "calls").exists()  # nothing started for it
