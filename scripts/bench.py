@@ -268,7 +268,7 @@ async def engine_target(config: Config) -> AsyncIterator[EngineStream]:
         import torch
 
         torch.set_num_threads(int(config.replica_cpus))
-    engine = AsyncEngine(build_engine(config))
+    engine = AsyncEngine(build_engine(config), stream_interval=config.stream_interval)  # as a batcher runs it
     engine.start()
     try:
         yield EngineStream("engine", engine)
@@ -288,8 +288,10 @@ async def http_target(kind, name: str, url: str, **extra) -> AsyncIterator[Targe
 # -- the load loop ---------------------------------------------------------------------------------
 
 
-async def drive(target: Target, job: Job, record: Record) -> None:
-    record.start = time.perf_counter()
+async def drive(target: Target, job: Job, record: Record, due: float | None = None) -> None:
+    """Runs one job; its latencies count from `due`, when the open loop's schedule said to send it (a
+    send the client itself delayed is the server's latency as a user sees it), else from now."""
+    record.start = time.perf_counter() if due is None else due
     try:
         async for tokens in target.stream(job):
             if tokens:
@@ -306,8 +308,8 @@ async def run_load(target: Target, jobs: list[Job], concurrency: int | None = No
     label = f"{target.name}, " + (f"{concurrency} streams" if rate is None else f"{rate} requests/s")
     bar = tqdm(total=len(jobs), desc=label, file=sys.stderr, leave=False, disable=quiet)
 
-    async def one(i: int) -> None:
-        await drive(target, jobs[i], records[i])
+    async def one(i: int, due: float | None = None) -> None:
+        await drive(target, jobs[i], records[i], due)
         bar.update()
 
     start = time.perf_counter()
@@ -322,8 +324,9 @@ async def run_load(target: Target, jobs: list[Job], concurrency: int | None = No
     else:
         tasks = []
         for i, job in enumerate(jobs):
-            await asyncio.sleep(max(0.0, start + job.arrival / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i)))
+            due = start + job.arrival / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i, due)))
         await asyncio.gather(*tasks)
     bar.close()
     return Run(target.name, None if rate else concurrency, rate, records, time.perf_counter() - start)
@@ -753,7 +756,9 @@ def simulate(args) -> tuple[dict, list[Run]]:
 
         # One replica kept full (its rows and a queue as deep), through as many waves of requests as each fleet replica.
         url = deploy("one", {**base, "num_replicas": 1})
-        runs += measure(lambda: http_target(TGIStream, "1 replica", url), jobs[: args.streams // replicas], [2 * batch])
+        # Every `replicas`-th job: a sample of the fleet's whole workload (its first jobs' lengths may not be).
+        sample = jobs[::replicas][: args.streams // replicas]
+        runs += measure(lambda: http_target(TGIStream, "1 replica", url), sample, [2 * batch])
         serve.delete("one")
         for ingress in args.ingress_replicas:  # a fresh app each time: a redeploy would roll replicas mid-run
             url = deploy(f"fleet{ingress}", {**base, "ingress_replicas": ingress})
@@ -779,7 +784,8 @@ def simulate(args) -> tuple[dict, list[Run]]:
     needed = replicas * single
     where = (f"streaming is CPU-bound: a proxy fills its core at ~{ceilings['proxy']} tok/s, an ingress replica at "
              f"~{ceilings['ingress replica']} tok/s, the whole serving path fills this host at ~{list(ceilings.values())[2]} "
-             f"tok/s; linear ({needed:.0f} tok/s) needs >= {-(-needed // ceilings['ingress replica']):.0f} ingress "
+             f"tok/s (and this load generator, one process, its core at "
+             f"~{round(1000 / ms.get('load generator', 1e-9))} tok/s); linear ({needed:.0f} tok/s) needs >= {-(-needed // ceilings['ingress replica']):.0f} ingress "
              f"replica(s) and >= {-(-needed // ceilings['proxy']):.0f} proxy(ies), i.e. nodes (one proxy per node)")
     print_table(runs)
     print(f"\n{args.simulate}: {cores} neuron_cores, {group} per group -> {replicas} replicas of a simulated "

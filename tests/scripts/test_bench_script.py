@@ -8,6 +8,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,23 @@ def test_open_loop_sends_at_the_arrival_times(bench):
     # In order, over the schedule's 150 ms (a pause of this process, as a full GC of ~0.2 s, moves one).
     assert starts == sorted(starts) and 0.12 <= starts[-1] < 0.45, starts
     assert run.concurrency is None and run.summary()["tokens"] == 12
+
+
+def test_open_loop_latency_counts_from_the_schedule_not_the_delayed_send(bench):
+    """A client that falls behind its schedule (here, each send holds the event loop 0.1 s, at a request
+    every 0.05 s) must not hide that wait: it is latency a user of the server would see."""
+
+    class Blocking:
+        name = "blocking"
+
+        async def stream(self, job):
+            time.sleep(0.1)  # a client too slow for its rate
+            yield 1
+
+    run = asyncio.run(bench.run_load(Blocking(), jobs(bench, 5), rate=10.0, quiet=True))  # due 0, 50, ... 200 ms
+    ttfts = [r.chunks[0][0] - r.start for r in run.records]
+    assert [round(r.start - run.records[0].start, 3) for r in run.records] == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert ttfts[-1] >= 0.25, ttfts  # sent 0.2 s late, then 0.1 s to its token
 
 
 def test_side_by_side_runs_the_two_paths_in_turns(bench):
