@@ -13,7 +13,8 @@ fi
 ray start --head --dashboard-host=0.0.0.0 --metrics-export-port=8080 --disable-usage-stats
 serve run serve_config.yaml &
 serve_pid=$!
-trap 'python -m deployments.drain || true; kill -INT "$serve_pid" 2>/dev/null || true' TERM INT
+# TERM, not INT: sh starts a background job with SIGINT ignored, and `serve run` would keep waiting.
+trap 'python -m deployments.drain || true; kill -TERM "$serve_pid" 2>/dev/null || true' TERM INT
 wait "$serve_pid" || true
 wait "$serve_pid" 2>/dev/null || true
 ray stop

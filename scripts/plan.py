@@ -14,12 +14,12 @@ directory. The planner counts parameters from the config and sizes, per NeuronCo
 The headroom is what the Neuron runtime takes besides tensors (compiled graphs, scratchpad, DMA
 rings, collectives buffers), the reserve that vLLM-on-Neuron also keeps per core.
 
-Tensor-parallel degrees (tp) tried: 1, 2, 4, 8, 16, 24, 32, those that divide the instance's cores
+Tensor-parallel degrees (tp) tried: 1, 2, 4, 6, 8, 12, 16, 24, 32, those that divide the instance's cores
 (so groups tile it: replicas = cores / tp). Heads are sharded the way optimum-neuron does it
 (`get_shardable_head_counts`): query heads padded to a multiple of tp; KV heads split when tp divides
 them, replicated to tp when they divide tp, else converted to one per query head. A tp is *exact* when
 it divides the query heads and the KV heads split or replicate evenly (nothing padded); the plan is
-the smallest exact tp that fits, and a padded one only when no exact one does (e.g. 70B on 24 cores).
+the smallest exact tp that fits, and a padded one only when no exact one does (e.g. 70B on 12 cores).
 Batch: the given one is checked; otherwise the largest that fits, at most 128.
 
 Prints the table it reasoned with, writes serve_config.yaml and rayservice.yaml into --out-dir, and
@@ -51,7 +51,7 @@ from render_kuberay import (
 
 GIB = 2**30
 HEADROOM_GIB_PER_CORE = 2.0
-TP_DEGREES = (1, 2, 4, 8, 16, 24, 32)
+TP_DEGREES = (1, 2, 4, 6, 8, 12, 16, 24, 32)
 # A static batch is computed whole at every step, and prefill time grows with it; past ~128 rows decode
 # also nears the compute-bound point (Inferentia2: ~190 TFLOPS over 820 GB/s per device, ~230 rows).
 MAX_BATCH_SIZE = 128
@@ -81,6 +81,9 @@ class ModelShape:
     tied_embeddings: bool
     attention_bias: bool
     max_positions: int
+    moe_every: int = 1  # every n-th layer is MoE, the others dense (Llama 4's interleave_moe_layer_step)
+    dense_intermediate_size: int = 0  # the MLP of a dense layer in a MoE model (Llama 4's intermediate_size_mlp)
+    shared_expert: bool = False  # a MoE layer also runs one expert for every token (Llama 4)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], name: str) -> ModelShape:
@@ -100,6 +103,9 @@ class ModelShape:
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 intermediate_size=int(expert_size or config["intermediate_size"]),
                 experts=experts,
+                moe_every=int(config.get("interleave_moe_layer_step") or 1) if experts else 1,
+                dense_intermediate_size=int(config.get("intermediate_size_mlp") or 0),
+                shared_expert=experts > 0 and str(config.get("model_type", "")).startswith("llama4"),
                 vocab_size=int(config["vocab_size"]),
                 tied_embeddings=bool(config.get("tie_word_embeddings", False)),
                 attention_bias=bool(config.get("attention_bias", False)),
@@ -114,9 +120,15 @@ class ModelShape:
         q, kv = (heads or self.heads) * d, (kv_heads or self.kv_heads) * d
         attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.attention_bias else 0)
         gated_mlp = 3 * h * self.intermediate_size
-        mlp = self.experts * gated_mlp + h * self.experts if self.experts else gated_mlp
+        if not self.experts:
+            mlps = self.layers * gated_mlp
+        else:  # experts, the router, the shared expert; the layers in between are dense
+            moe_layers = self.layers // self.moe_every
+            moe = (self.experts + self.shared_expert) * gated_mlp + h * self.experts
+            dense = 3 * h * (self.dense_intermediate_size or self.intermediate_size)
+            mlps = moe_layers * moe + (self.layers - moe_layers) * dense
         embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)  # input + lm_head
-        return embeddings + self.layers * (attention + mlp) + self.norm_parameters()
+        return embeddings + self.layers * attention + mlps + self.norm_parameters()
 
     def norm_parameters(self) -> int:
         return (2 * self.layers + 1) * self.hidden_size

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,16 +90,41 @@ def test_the_entrypoint_starts_ray_and_serve_run_and_drains_on_sigterm(parsed):
     assert subprocess.run(["sh", "-n", str(DOCKERFILE.parent / script)]).returncode == 0
 
 
-def fake_cluster(tmp_path: Path) -> dict[str, str]:
-    """`ray` and `serve` that write down the TGI variables `serve run` would read."""
+def fake_cluster(tmp_path: Path, serve_blocks: bool = False) -> dict[str, str]:
+    """`ray` and `serve` that write down the TGI variables `serve run` would read (`serve run` runs until
+    stopped when `serve_blocks`), and a `python` whose drain only writes itself down: the test cluster of
+    this session must not be drained."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("ray", "serve"):
+        block = "exec sleep 600\n" if tool == "serve" and serve_blocks else ""
         (bin_dir / tool).write_text(f"#!/bin/sh\necho \"{tool} $*: MODEL_ID=$MODEL_ID MAX_BATCH_SIZE=$MAX_BATCH_SIZE "
-                                    f"MAX_INPUT_LENGTH=$MAX_INPUT_LENGTH\" >> {tmp_path}/calls\n")
+                                    f"MAX_INPUT_LENGTH=$MAX_INPUT_LENGTH\" >> {tmp_path}/calls\n{block}")
         (bin_dir / tool).chmod(0o755)
-    python_dir = Path(sys.executable).parent  # `python -m neuron_serve.launcher`, as in the image
-    return {**os.environ, "PATH": f"{bin_dir}:{python_dir}:{os.environ['PATH']}"}
+    (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$2" = deployments.drain ]; then echo drain >> {tmp_path}/calls; '
+                                    f'exit 0; fi\nexec {sys.executable} "$@"\n')  # the launcher runs for real
+    (bin_dir / "python").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_sigterm_drains_then_stops_serve_and_ray(tmp_path):
+    """`docker stop`: the apps drain, then `serve run` and Ray stop, well before Docker's SIGKILL."""
+    script = DOCKERFILE.parent / "scripts" / "container_start.sh"
+    calls = tmp_path / "calls"
+    container = subprocess.Popen(["sh", str(script)], env=fake_cluster(tmp_path, serve_blocks=True),
+                                 cwd=DOCKERFILE.parent)
+    try:
+        deadline = time.monotonic() + 30
+        while not (calls.exists() and "serve run" in calls.read_text()):
+            assert time.monotonic() < deadline and container.poll() is None
+            time.sleep(0.1)
+        container.send_signal(signal.SIGTERM)
+        assert container.wait(timeout=15) == 0
+    finally:
+        container.kill()
+    lines = [line.split(":")[0] for line in calls.read_text().splitlines()]
+    assert lines == ["ray start --head --dashboard-host=0.0.0.0 --metrics-export-port=8080 --disable-usage-stats",
+                     "serve run serve_config.yaml", "drain", "ray stop"]
 
 
 def test_tgi_launcher_arguments_after_the_image_name_become_tgi_variables(tmp_path):

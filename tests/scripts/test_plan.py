@@ -53,6 +53,20 @@ def test_parameter_counts_match_the_published_sizes():
     assert tied.parameters() == 8_030_261_248 - 128256 * 4096
 
 
+# Llama 4's text configs (Scout; Maverick has 128 experts, a MoE layer every second one)
+LLAMA4_SCOUT = {"model_type": "llama4_text", "hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40,
+                "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+                "num_local_experts": 16, "interleave_moe_layer_step": 1, "vocab_size": 202048}
+
+
+def test_llama4_counts_its_shared_expert_and_its_dense_layers():
+    """Published: Scout 109B, Maverick 400B, with their vision encoders (under 1B); the LM here."""
+    scout = plan.ModelShape.from_config(LLAMA4_SCOUT, "scout").parameters()
+    maverick = plan.ModelShape.from_config({**LLAMA4_SCOUT, "num_local_experts": 128, "interleave_moe_layer_step": 2},
+                                           "maverick").parameters()
+    assert 107e9 < scout < 109e9 and 400e9 < maverick < 401e9
+
+
 @pytest.mark.parametrize("tp, heads, kv, expected", [
     (2, 32, 8, (32, 8, "split")),  # 4 KV heads per core
     (8, 32, 8, (32, 8, "split")),
@@ -70,7 +84,7 @@ def test_heads_are_sharded_as_optimum_neuron_does(tp, heads, kv, expected):
 def test_llama3_8b_on_inf2_48xlarge_takes_two_cores_per_replica():
     p = make_plan(LLAMA3_8B, "inf2.48xlarge")
     by_tp = {c.tp: c for c in p.candidates}
-    assert sorted(by_tp) == [1, 2, 4, 8, 24]  # 16 and 32 do not divide 24 cores
+    assert sorted(by_tp) == [1, 2, 4, 6, 8, 12, 24]  # 16 and 32 do not divide 24 cores
     # ~15 GiB of bf16 weights cannot fit one 16 GiB core beside the runtime; two cores hold them.
     assert by_tp[1].weights_per_core > 14 * GIB and by_tp[1].max_batch == 0
     assert p.chosen.tp == 2 and p.chosen.replicas == 12
@@ -85,9 +99,9 @@ def test_a_given_batch_size_is_checked_and_may_need_a_bigger_group():
     assert make_plan(LLAMA3_8B, "inf2.xlarge").chosen.replicas == 1
 
 
-def test_70b_falls_back_to_a_padded_group_of_24_cores_on_inf2_48xlarge():
+def test_70b_falls_back_to_a_padded_group_of_12_cores_on_inf2_48xlarge():
     p = make_plan(LLAMA3_70B, "inf2.48xlarge")
-    assert (p.chosen.tp, p.chosen.replicas, p.chosen.sharding.kind) == (24, 1, "padded")
+    assert (p.chosen.tp, p.chosen.replicas, p.chosen.sharding.kind) == (12, 2, "padded")
     assert all(c.max_batch == 0 for c in p.candidates if c.sharding.exact)
 
 
@@ -134,7 +148,7 @@ def test_a_model_that_cannot_fit_exits_non_zero_and_says_where_it_would(tmp_path
     out = run_plan("--model", str(write_config(tmp_path, LLAMA3_70B)), "--instance", "inf2.xlarge", "--json")
     assert out.returncode == 2
     assert "does not fit on inf2.xlarge" in out.stderr and "131.4 GiB of bf16 weights" in out.stderr
-    assert "It fits on: inf2.48xlarge (tp 24)" in out.stderr
+    assert "It fits on: inf2.24xlarge (tp 12), inf2.48xlarge (tp 12)" in out.stderr
     assert out.stdout == ""
 
 
