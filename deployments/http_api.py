@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from neuron_serve.config import Config
 from neuron_serve.errors import ServeError
@@ -161,7 +161,8 @@ class BodyLimit:
 class DisconnectCancels:
     """Cancels a request whose client goes away, when the client turned off Serve's watch for that
     (Serve's header `x-request-disconnect-disabled: ?1`, read before this app and passed on by
-    HAProxy): a generation must not hold a row and a permit for nobody."""
+    HAProxy): a generation must not hold a row and a permit for nobody. It listens only once the route
+    has read the whole body, so the body still flows as the route reads it (under `BodyLimit`)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -170,25 +171,32 @@ class DisconnectCancels:
         if scope["type"] != "http" or not any(
                 name == b"x-request-disconnect-disabled" and value == b"?1" for name, value in scope["headers"]):
             return await self.app(scope, receive, send)
-        messages: asyncio.Queue = asyncio.Queue()
-        handling = asyncio.ensure_future(self.app(scope, messages.get, send))
+        gone: asyncio.Future = asyncio.get_running_loop().create_future()
+        watching: asyncio.Task | None = None
 
         async def watch() -> None:
-            while True:
-                message = await receive()
-                messages.put_nowait(message)
-                if message["type"] == "http.disconnect":
-                    handling.cancel()
-                    return
+            message = await receive()  # after the body, only the disconnect comes
+            gone.set_result(message)
+            handling.cancel()
 
-        watching = asyncio.ensure_future(watch())
+        async def receive_body() -> Message:
+            nonlocal watching
+            if watching is not None:  # the route asks past its body: it waits for the disconnect as well
+                return await asyncio.shield(gone)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                watching = asyncio.ensure_future(watch())
+            return message
+
+        handling = asyncio.ensure_future(self.app(scope, receive_body, send))
         try:
             await handling
         except asyncio.CancelledError:
-            if not (watching.done() and handling.cancelled()):
-                raise  # this call itself was cancelled
+            if not gone.done():
+                raise  # this call itself was cancelled (and `handling` with it), not by its client's leaving
         finally:
-            watching.cancel()
+            if watching is not None:
+                watching.cancel()
 
 
 class ApiKey:
@@ -327,7 +335,7 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
         raw = await request.body()
         try:
             keys = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's stack; refused below
             keys = None
         if isinstance(keys, dict) and "inputs" in keys:
             return await _compat(await read_body(request, S.CompatGenerateRequest))

@@ -30,7 +30,7 @@ class StopCondition:
             window = self.tail + new_text
             boundary = len(self.tail)
             keep = self.longest_stop - 1
-            self.tail = window[len(window) - keep :] if keep else ""
+            self.tail = window[-keep:] if keep else ""
             # Only a match that ends inside the new text is new.
             if any(window.find(s, max(0, boundary - len(s) + 1)) != -1 for s in self.stop_sequences):
                 return FinishReason.STOP_SEQUENCE

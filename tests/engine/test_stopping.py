@@ -33,6 +33,8 @@ def test_stop_sequence_split_across_tokens_or_inside_one():
     assert condition(stop=["is"]).check(1, 1, " this") == FinishReason.STOP_SEQUENCE
     c = condition(stop=["abc"])
     assert c.check(1, 1, "ab") is None and c.check(1, 2, "") is None and c.check(1, 3, "c") == FinishReason.STOP_SEQUENCE
+    c = condition(stop=["abc d"])  # the text so far is shorter than the stop sequence less one character
+    assert c.check(1, 1, "abc") is None and c.check(1, 2, " d") == FinishReason.STOP_SEQUENCE
 
 
 def test_a_stop_sequence_can_name_a_special_token(engine, tokenizer, reference):
