@@ -353,14 +353,14 @@ def build_http_app(service: TextGeneration, ops: Operations, config: Config) -> 
               responses=_errors())
     async def tokenize(request: Request):
         body = await read_body(request, S.GenerateRequest)
-        return service.tokenize(body.inputs)
+        return await service.tokenize(body.inputs)
 
     @app.post("/chat_tokenize", tags=["Text Generation Inference"], summary="Template and tokenize a chat request",
               response_model=S.ChatTokenizeResponse, responses=_errors())
     async def chat_tokenize(request: Request):
         body = await read_body(request, S.ChatRequest)
         text = service.chat_prompt(body)
-        return {"tokenize_response": service.tokenize(text, add_special_tokens=False), "templated_text": text}
+        return {"tokenize_response": await service.tokenize(text, add_special_tokens=False), "templated_text": text}
 
     # -- operations --------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from neuron_serve.request import Event, GenerationRequest, TokenEvent
 from . import responses as R
 from .ray_env import REQUEST_LINE
 from .schemas import ChatRequest, CompletionRequest, GenerateParameters, GenerateRequest
-from .validation import ValidRequest, Validator
+from .validation import OFF_LOOP_CHARS, ValidRequest, Validator, encode
 
 
 logger = logging.getLogger("ray.serve")
@@ -165,9 +165,9 @@ class TextGeneration:
         self.metrics.failed(_failure_label(error))
         return error
 
-    def _validate(self, inputs: str, params: GenerateParameters, **kwargs) -> ValidRequest:
+    async def _validate(self, inputs: str, params: GenerateParameters, **kwargs) -> ValidRequest:
         started = time.monotonic()
-        valid = self.validator.validate(inputs, params, **kwargs)
+        valid = await _off_loop_if_long(inputs, self.validator.validate, inputs, params, **kwargs)
         valid.validation_s = time.monotonic() - started
         self.metrics.validated(valid.input_length, valid.max_new_tokens)
         if self.config.log_prompts:  # a debug setting: prompts are never logged otherwise
@@ -207,7 +207,7 @@ class TextGeneration:
             if sequences > 1:
                 self.validator.validate_best_of(best_of)
             with self.permits.take(sequences):
-                valid = self._validate(body.inputs, body.parameters, return_full_text_default=return_full_text_default)
+                valid = await self._validate(body.inputs, body.parameters, return_full_text_default=return_full_text_default)
                 timings.validated = time.monotonic()
                 runs = await _all(R.gather(self.source.stream(r)) for r in self._best_of_requests(valid))
             best = max(runs, key=lambda g: g.mean_logprob)
@@ -240,16 +240,19 @@ class TextGeneration:
                 if p.decoder_input_details:
                     raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
                 with self.permits.take():
-                    valid = self._validate(body.inputs, p, return_full_text_default=return_full_text_default)
+                    valid = await self._validate(body.inputs, p, return_full_text_default=return_full_text_default)
                     async with contextlib.aclosing(self._tokens(valid, started)) as handovers:
                         async for tokens in handovers:
                             yield b"".join(R.sse(R.stream_event(valid, event)) for event in tokens)
         except ServeError as e:
             yield R.sse(R.error_json(e.error_type, error_message(e)))
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[dict]:
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[dict]:
         """Tokens with byte offsets into `text`, as TGI's /tokenize reports them."""
-        encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await _off_loop_if_long(text, self._tokens_with_offsets, text, add_special_tokens)
+
+    def _tokens_with_offsets(self, text: str, add_special_tokens: bool) -> list[dict]:
+        encoding = encode(self.tokenizer, text, add_special_tokens)
         data = text.encode()
         byte_at = _char_to_byte_offsets(text)
         out = []
@@ -307,7 +310,7 @@ class TextGeneration:
             timings.characters = len(prompt)
             ctx = self._openai_context(chat.model, logprobs=bool(chat.logprobs))
             with self.permits.take():
-                valid = self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
+                valid = await self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
                 timings.validated = time.monotonic()
                 generated = await R.gather(self.source.stream(valid.request))
             self._succeeded(timings.start, valid, generated)
@@ -325,7 +328,7 @@ class TextGeneration:
         try:
             with self._accounted():
                 with self.permits.take():
-                    valid = self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
+                    valid = await self._validate(prompt, self.chat_parameters(chat), add_special_tokens=False)
                     async with contextlib.aclosing(self._tokens(valid, started)) as handovers:
                         async for tokens in handovers:
                             chunk = b"".join(R.sse(R.chat_chunk(ctx, event)) for event in tokens)
@@ -368,7 +371,7 @@ class TextGeneration:
         async def one(index: int, prompt: str):
             timings = Timings(time.monotonic(), characters=len(prompt))
             with self._accounted(), self.permits.take():
-                valid = self._validate(prompt, params)
+                valid = await self._validate(prompt, params)
                 timings.validated = time.monotonic()
                 generated = await R.gather(self.source.stream(valid.request))
                 self._succeeded(timings.start, valid, generated)
@@ -389,7 +392,7 @@ class TextGeneration:
             started = time.monotonic()
             try:
                 with self._accounted(), self.permits.take():
-                    valid = self._validate(prompt, params)
+                    valid = await self._validate(prompt, params)
                     async with contextlib.aclosing(self._tokens(valid, started)) as handovers:
                         async for tokens in handovers:
                             await queue.put(b"".join(R.sse(R.completion_chunk(ctx, index, valid, e)) for e in tokens))
@@ -411,6 +414,14 @@ class TextGeneration:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+async def _off_loop_if_long(text: str, work, *args, **kwargs):
+    """`work(*args, **kwargs)`, in a worker thread when `text` is long: this ingress's other streams go on
+    meanwhile (the tokenizer lets go of the GIL; Python's own work yields it every few milliseconds)."""
+    if len(text) > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    return work(*args, **kwargs)
 
 
 async def _all(coroutines) -> list:

@@ -41,6 +41,18 @@ class ValidRequest:
     validation_s: float = 0.0  # how long validating took, recorded once the request succeeds (as TGI)
 
 
+# Text longer than this is tokenized off the event loop (see `TextGeneration`), with the tokenizer's batch call,
+# which lets go of the GIL: a megabyte takes about a second, which every other stream of the ingress would wait.
+OFF_LOOP_CHARS = 65536
+
+
+def encode(tokenizer, text: str, add_special_tokens: bool):
+    backend = tokenizer.backend_tokenizer
+    if len(text) > OFF_LOOP_CHARS:
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    return backend.encode(text, add_special_tokens=add_special_tokens)
+
+
 class Validator:
     def __init__(self, tokenizer, config: Config, limits: Limits):
         self.tokenizer = tokenizer
@@ -49,7 +61,7 @@ class Validator:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+            return encode(self.tokenizer, text, add_special_tokens).ids
         except Exception as e:
             raise ValidationError(f"tokenizer error {e}") from None
 

@@ -1,4 +1,4 @@
-"""DisconnectCancels: the app's own watch for a client that turned Serve's off (no Ray here)."""
+"""The ingress's guards, without Ray: its own disconnect watch, and long text kept off the event loop."""
 
 from __future__ import annotations
 
@@ -60,3 +60,21 @@ def test_it_reads_nothing_a_route_does_not_read():
         return reads
 
     assert asyncio.run(main()) == 0
+
+
+def test_long_text_is_tokenized_off_the_event_loop_and_the_same(tokenizer):
+    """A megabyte takes about a second to tokenize: in a worker thread, with the tokenizer's batch call
+    (which lets go of the GIL), the ingress's other streams go on; the tokens are the same."""
+    import threading
+
+    from deployments.service import _off_loop_if_long
+    from deployments.validation import OFF_LOOP_CHARS, encode
+
+    long_text = "Once upon a time, 世界 🚀. " * (OFF_LOOP_CHARS // 10)
+    assert encode(tokenizer, long_text, True).ids == tokenizer.backend_tokenizer.encode(long_text).ids
+
+    async def main():
+        here = threading.get_ident()
+        return [await _off_loop_if_long(text, threading.get_ident) != here for text in ("short", long_text)]
+
+    assert asyncio.run(main()) == [False, True]
