@@ -40,6 +40,7 @@ REPLICA_LOST = (RayActorError, ActorUnavailableError)  # the replica process die
 # /info lists the batchers if they all answer within this: one with `max_ongoing_requests` in hand answers only
 # once one of its requests ends, and Serve's broadcast gives all the answers or none.
 STATUS_TIMEOUT_S = 2.0
+METRICS_FRESH_S = 1.0  # /metrics callers this close together share one reading of the cluster's metrics
 QUEUE_GAUGE_EVERY_S = 1.0  # `tgi_queue_size` is set this often (Ray exports every 10 s, and drops a gauge not set)
 
 
@@ -223,6 +224,7 @@ class Ingress:
             config, self.limits, load_tokenizer(model_dir, config.token), source,
             model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
         )
+        self._metrics: tuple[float, asyncio.Future[str]] | None = None  # the latest reading of /metrics, and when
         logger.info("Ingress ready for %s: %s", config.model_id, self.limits)
 
     @staticmethod
@@ -290,4 +292,14 @@ class Ingress:
         }
 
     async def metrics(self) -> str:
-        return tgi_metrics_text(await scrape_cluster(), application=serve.get_replica_context().app_name)
+        """TGI's page. It reads every node's Ray metrics: callers within METRICS_FRESH_S of one another share
+        one reading, so that a client calling it in a loop costs the cluster at most one a second."""
+        now = time.monotonic()
+        if self._metrics is None or now - self._metrics[0] > METRICS_FRESH_S:
+            self._metrics = (now, asyncio.ensure_future(self._read_metrics()))
+        return await asyncio.shield(self._metrics[1])
+
+    @staticmethod
+    async def _read_metrics() -> str:
+        pages = await scrape_cluster()
+        return await asyncio.to_thread(tgi_metrics_text, pages, serve.get_replica_context().app_name)

@@ -239,6 +239,9 @@ def tgi_metrics_text(pages: list[str], application: str | None = None) -> str:
     each histogram's `_sum` from its exact-sum counter."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    # Ray's own series fill most of a page: only ours are parsed (a sample line, or its HELP and TYPE).
+    pages = ["\n".join(line for line in page.splitlines() if line.startswith(PREFIX) or line[7:].startswith(PREFIX))
+             for page in pages]
     kinds: dict[str, str] = {}
     helps: dict[str, str] = {}
     values: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
