@@ -230,7 +230,7 @@ def test_an_ingress_replica_lost_mid_stream_frees_its_rows_and_stalls_no_other_s
         assert 0 < len(survivors) < 8, results
         pauses = [b - a for i in survivors for a, b in zip(arrivals[i], arrivals[i][1:]) if b > killed_at]
         print(f"ingress lost: rows free {freed_s:.2f}s after the kill; the other streams' longest pause {max(pauses):.3f}s")
-        assert max(pauses) < 0.5
+        assert max(pauses) < 1.0  # over Ray actor calls each lost call held the loop 1 s, and 4 s in all
         wait_until(lambda: httpx.post(f"{url}/generate", json=body(5), timeout=30).status_code == 200, 60,
                    what="the app serving")
     finally:

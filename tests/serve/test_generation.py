@@ -134,6 +134,15 @@ def test_details_top_tokens_prefill_and_seeded_sampling(app, tokenizer, hf_model
     first = httpx.post(f"{app}/generate", json=sampled, timeout=60).json()
     second = httpx.post(f"{app}/generate", json=sampled, timeout=60).json()
     assert first == second and first["details"]["seed"] == 7
+    other = httpx.post(f"{app}/generate", json={**sampled, "parameters": {**sampled["parameters"], "seed": 8}}, timeout=60)
+    assert [t["id"] for t in other.json()["details"]["tokens"]] != [t["id"] for t in first["details"]["tokens"]]
+
+    # TGI's parameters are float32: 1e-39 is a valid temperature, which overflows float32 scores. Its limit
+    # is greedy, and the request gets it (the sampler reruns such a row in float64).
+    cold = {"inputs": PROMPT, "parameters": {"max_new_tokens": N, "do_sample": True, "temperature": 1e-39,
+                                             "details": True}}
+    response = httpx.post(f"{app}/generate", json=cold, timeout=60)
+    assert response.status_code == 200 and [t["id"] for t in response.json()["details"]["tokens"]] == ids
 
     # More top tokens than top_k leaves: only the two it leaves, in the answer and in the stream.
     narrow = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "top_k": 2, "top_n_tokens": 4, "details": True}}

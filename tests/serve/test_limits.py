@@ -1,4 +1,4 @@
-"""Overload (429), body size (413), API key (401), and a client that walks away (slot freed)."""
+"""Overload (429), body size (413) and the API key (401). A client that walks away: tests/reliability/test_load.py."""
 
 from __future__ import annotations
 
