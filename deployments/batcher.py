@@ -29,6 +29,9 @@ from .ray_env import REQUEST_LINE, keep_request_lines_off_stderr
 
 logger = logging.getLogger("ray.serve")
 
+# A request held this long without a token (queued for a row, or in a long prefill) is reported to its ingress,
+# which then no longer checks whether the app is being deleted: a graceful deletion finishes it here.
+IN_HAND_AFTER_S = 0.5
 RECENT_TOKEN_S = 10.0  # a replica that produced a token this recently is healthy without a probe
 GAUGES_EVERY_S = 5.0  # an idle replica's batch gauges are set this often (Ray exports every 10 s)
 
@@ -78,9 +81,11 @@ class NeuronBatcher:
         generated = 0
         last: Event | None = None
         handed_over = time.monotonic()  # when it arrived, then when its latest tokens came
+        in_hand = asyncio.get_running_loop().call_later(IN_HAND_AFTER_S, channel.send, request.id, [])
 
         def deliver(events: list[Event]) -> None:
             nonlocal generated, last, handed_over
+            in_hand.cancel()
             channel.send(request.id, events)
             tokens = sum(isinstance(e, TokenEvent) for e in events)
             if tokens:
@@ -96,6 +101,7 @@ class NeuronBatcher:
             await done
             await channel.drain()
         finally:
+            in_hand.cancel()
             channel.detach(request.id)
             self.engine.cancel(request.id)  # nothing once it finished
             self._log_request(request, generated, last)

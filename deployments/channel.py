@@ -151,7 +151,7 @@ class Channel:
         if self._error is None:
             try:
                 await self._writer.drain()
-            except ConnectionError as e:
+            except OSError as e:  # reset, timed out, unreachable: the connection is gone either way
                 self._close(ChannelError(f"the channel to {self._where} broke: {e}"))
         if self._error is not None:
             raise self._error
@@ -183,7 +183,7 @@ class Channel:
         """The ingress never writes: anything it does, end of stream included, means it is gone."""
         try:
             await reader.read(1)
-        except ConnectionError:
+        except OSError:  # reset, timed out (a long partition), unreachable: gone as well
             pass
         self._close(ChannelError(f"{self._where} closed the channel"))
 

@@ -63,7 +63,9 @@ class BatcherSource:
     the batchers leave Serve's router as their app's deletion begins, while HAProxy may still send this
     ingress requests for a moment, and Serve would hold such a request until this replica is killed.
     It ends with a 503 instead. Waiting with no batcher is otherwise right (they are loading, being
-    replaced, or scaling up from zero), so the app's status decides, not the count of batchers.
+    replaced, or scaling up from zero), so the app's status decides, not the count of batchers. A request
+    a batcher holds (in its queue, or a long prefill) is in hand, and finishes during the deletion: the
+    batcher says so with an empty hand-over once it has held it `batcher.IN_HAND_AFTER_S` without a token.
     """
 
     ATTEMPTS = 3
@@ -110,12 +112,12 @@ class BatcherSource:
             response = self.handle.generate.remote(outgoing, reply_to)
             call = asyncio.ensure_future(response)
             call.add_done_callback(events_in.put_nowait)  # the call's end arrives in line with the events
-            started = finished = returned = False
+            started = finished = returned = in_hand = False
             try:
                 while True:
                     if returned:
                         item = await asyncio.wait_for(events_in.get(), self.LAST_EVENTS_WAIT_S)
-                    elif started:
+                    elif started or in_hand:
                         item = await events_in.get()
                     else:
                         item = await self._first_event(events_in)
@@ -123,7 +125,9 @@ class BatcherSource:
                             yield [ErrorEvent(request.id, "The server is shutting down: this model is no longer "
                                                           "served here", "unhealthy")]
                             return
-                    if item is not call:
+                    if isinstance(item, list) and not item:  # a batcher has it, with no token yet
+                        in_hand = True  # it finishes it even while the app is deleted (not `started`: resendable)
+                    elif item is not call:
                         started, finished = True, is_last(item[-1])
                         finish = getattr(item[-1], "finish", None)
                         if finish is not None:
@@ -157,13 +161,23 @@ class BatcherSource:
             return
 
     async def _first_event(self, events_in: asyncio.Queue) -> Any:
-        """The request's first item, or None once its app is being deleted."""
-        while True:
-            try:
-                return await asyncio.wait_for(events_in.get(), self.DELETION_CHECK_S)
-            except asyncio.TimeoutError:
-                if await self.app_deleting():
+        """The request's first item, or None once its app is being deleted. Asking Serve's controller
+        (slow, or not answering while it restarts) never holds back an item that came meanwhile."""
+        getting = asyncio.ensure_future(events_in.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({getting}, timeout=self.DELETION_CHECK_S)
+                if done:
+                    return getting.result()
+                checking = asyncio.ensure_future(self.app_deleting())
+                await asyncio.wait({getting, checking}, return_when=asyncio.FIRST_COMPLETED)
+                if getting.done():
+                    checking.cancel()
+                    return getting.result()
+                if checking.result():
                     return None
+        finally:
+            getting.cancel()  # nothing once it has its item; a queue keeps an item a cancelled get did not take
 
 
 class AppStatus:

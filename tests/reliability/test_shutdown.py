@@ -78,7 +78,9 @@ def test_drain_finishes_in_flight_streams_before_the_app_goes(cluster):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=180) as client:
-            in_flight = await streaming(client, url, 3, 300)
+            in_flight = await streaming(client, url, 4, 300)  # every row of the batcher's 4
+            queued = asyncio.create_task(client.post(f"{url}/generate", json=body(5), timeout=120))
+            await asyncio.sleep(1.5)  # in the batcher's queue, with no token: it has told the ingress it holds it
             began = time.monotonic()
             def drained_at() -> float:
                 drain(["draining"], shutdown=False)
@@ -94,11 +96,12 @@ def test_drain_finishes_in_flight_streams_before_the_app_goes(cluster):
             statuses = await asyncio.gather(*newcomers)
             while statuses[-1] == 200 and time.monotonic() - began < 15:  # the drain had not begun to refuse yet
                 statuses.append(await knock(client))
-            return results, statuses, finished - began, await deleting - began
+            return results, statuses, finished - began, await deleting - began, await queued
 
-    results, statuses, streams_s, delete_s = run(scenario())
+    results, statuses, streams_s, delete_s, queued = run(scenario())
     cluster.apps.remove("draining")
     assert all(r.complete and len(r.tokens) == 300 for r in results), results
+    assert queued.status_code == 200, queued.text  # held by the batcher, not yet begun: finished all the same
     assert set(statuses) <= {200, 404, 503}, statuses  # served before the drain, else no longer routed
     assert statuses[-1] in (404, 503), statuses
     assert delete_s >= streams_s  # the drain returned only once they had finished

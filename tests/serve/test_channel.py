@@ -215,3 +215,65 @@ def test_a_connection_that_sends_no_secret_is_closed(monkeypatch):
         return closed
 
     assert asyncio.run(main()) == b""
+
+
+class _Held:
+    """A handle whose replica holds the request (queued for a row) and says so, then streams it."""
+
+    def __init__(self, in_hand: bool, first_token_s: float):
+        self.generate = self
+        self.in_hand, self.first_token_s = in_hand, first_token_s
+
+    def remote(self, request, reply_to):
+        return _Response(self._serve(request, reply_to))
+
+    async def _serve(self, request, reply_to):
+        channel = Outbox().channel(reply_to)
+        if self.in_hand:
+            await asyncio.sleep(0.5)
+            channel.send(request.id, [])  # what NeuronBatcher.generate sends after IN_HAND_AFTER_S
+        await asyncio.sleep(self.first_token_s)
+        last = token(request.id, 1)
+        last.finish = Finish(FinishReason.LENGTH, "", 1, None, 0.0, 0.0)
+        channel.send(request.id, [last])
+        await channel.drain()
+
+
+def _stream_while(handle, app_deleting) -> list:
+    from deployments.ingress import BatcherSource
+
+    async def main():
+        inbox = Inbox("127.0.0.1")
+        source = BatcherSource(handle, inbox, app_deleting)
+        request = GenerationRequest("r", (1, 2), SamplingParams(), StoppingParams(1))
+        got = [events async for events in source.stream(request)]
+        await inbox.stop()
+        return got
+
+    return asyncio.run(main())
+
+
+async def _deleting():
+    return True
+
+
+async def _controller_not_answering():
+    await asyncio.sleep(3600)
+
+
+def test_a_request_a_batcher_holds_finishes_while_its_app_is_deleted():
+    """A graceful deletion lets the batchers finish what they hold, first token or not."""
+    [[event]] = _stream_while(_Held(in_hand=True, first_token_s=2.5), _deleting)
+    assert isinstance(event, TokenEvent) and event.finish is not None
+
+
+def test_a_request_no_batcher_holds_is_refused_while_its_app_is_deleted():
+    """Serve would hold it until this replica is killed: it gets TGI's 503 `unhealthy` instead."""
+    [[event]] = _stream_while(_Held(in_hand=False, first_token_s=60), _deleting)
+    assert event.error_type == "unhealthy"
+
+
+def test_a_controller_that_does_not_answer_holds_back_no_token():
+    """Asking whether the app is being deleted never delays a token that came meanwhile."""
+    [[event]] = _stream_while(_Held(in_hand=False, first_token_s=1.5), _controller_not_answering)
+    assert isinstance(event, TokenEvent) and event.finish is not None
