@@ -142,10 +142,15 @@ def check(client: httpx.Client, path: str, payload: bytes, content_type: str) ->
         assert isinstance(error.get("error"), str) and isinstance(error.get("error_type"), str), error
         return
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        for line in response.text.splitlines():
-            if line.startswith("data:") and line.strip() != "data: [DONE]":
-                event = json.loads(line[5:])
-                assert "error" not in event or isinstance(event.get("error_type", event.get("error")), (str, dict))
+        lines = [line.strip() for line in response.text.splitlines() if line.startswith("data:")]
+        events = [json.loads(line[5:]) for line in lines if line != "data: [DONE]"]
+        for event in events:  # TGI's error event, or OpenAI's
+            error = event.get("error")
+            assert error is None or (isinstance(error, str) and isinstance(event.get("error_type"), str)) or (
+                isinstance(error, dict) and isinstance(error.get("message"), str)), event
+        # Every stream ends: OpenAI's with [DONE], TGI's with its last token's text or an error.
+        assert lines and (lines[-1] == "data: [DONE]" or events[-1].get("generated_text") is not None
+                          or "error" in events[-1]), response.text[-300:]
     else:
         response.json()
 

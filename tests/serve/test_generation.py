@@ -143,6 +143,10 @@ def test_details_top_tokens_prefill_and_seeded_sampling(app, tokenizer, hf_model
                                              "details": True}}
     response = httpx.post(f"{app}/generate", json=cold, timeout=60)
     assert response.status_code == 200 and [t["id"] for t in response.json()["details"]["tokens"]] == ids
+    # `watermark` is accepted and ignored, as in neuronx-tgi: the greedy tokens.
+    marked = {"inputs": PROMPT, "parameters": {"max_new_tokens": N, "watermark": True, "details": True}}
+    response = httpx.post(f"{app}/generate", json=marked, timeout=60)
+    assert response.status_code == 200 and [t["id"] for t in response.json()["details"]["tokens"]] == ids
 
     # More top tokens than top_k leaves: only the two it leaves, in the answer and in the stream.
     narrow = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "top_k": 2, "top_n_tokens": 4, "details": True}}

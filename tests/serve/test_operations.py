@@ -76,11 +76,15 @@ def test_metrics_expose_tgi_names_aggregated_over_replicas(app, cluster):
     assert response.headers["content-type"].startswith("text/plain")
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
-    assert "ray_" not in text and "replica=" not in text
+    assert "ray_" not in text and "replica=" not in text and "neuron_serve" not in text  # TGI's names alone
     assert "# TYPE tgi_request_duration histogram" in text and "# TYPE tgi_request_count counter" in text
-    # Ray's own Prometheus export keeps the per-replica, per-core-group view.
+    # Ray's own Prometheus export keeps the per-replica, per-core-group view, and the series TGI has not.
     ray_page = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).text
     assert 'cores="0,1"' in ray_page and 'cores="2,3"' in ray_page and "ray_tgi_batch_current_size" in ray_page
+    for series in ("ray_neuron_serve_time_to_first_token_count", "ray_neuron_serve_inter_token_latency_count",
+                   "ray_neuron_serve_batcher_queue_size"):
+        assert any(line.startswith(series + "{") and 'replica="' in line and 'cores="' in line
+                   for line in ray_page.splitlines()), series
 
 
 def test_metrics_sums_are_exact_and_bucket_bounds_are_tgis(cluster):
