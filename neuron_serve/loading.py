@@ -15,7 +15,7 @@ from .backends import Backend
 from .config import Config, Limits, resolve_limits
 from .engine import Engine
 from .errors import ConfigError
-from .model_files import eos_token_ids, load_tokenizer, resolve_model_dir
+from .model_files import eos_token_ids, load_tokenizer, read_neuron_config, resolve_model_dir
 from .scheduler import InsertionPolicy, PrefillPolicy
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ def settle_cores(config: Config, model_dir) -> Config:
     compiled for, else HF_NUM_CORES, else the default."""
     if "cores_per_replica" in config.model_fields_set:
         return config
-    from .backends.neuron_models import read_neuron_config
-
     compiled = read_neuron_config(Path(model_dir))
     cores = int(compiled["tp_degree"]) if compiled else config.export_num_cores
     return config.model_copy(update={"cores_per_replica": cores}) if cores else config
@@ -78,7 +76,7 @@ def open_neuron_backend(config: Config, model_dir, model_class=None) -> tuple[Ba
     """optimum-neuron's compiled model as a backend; `model_class` is optimum-neuron's unless given."""
     from .backends.neuron import NeuronBackend, neuron_model_class
     from .backends.neuron_models import (
-        CompiledShape, check_against_settings, compiled_shape, load_neuron_model, read_neuron_config,
+        CompiledShape, check_against_settings, compiled_shape, load_neuron_model,
     )
 
     if model_class is None:

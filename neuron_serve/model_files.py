@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .config import Config
 from .errors import ConfigError
 from .tiny_model import TINY_MODEL_ID, ensure_tiny_model
 
+NEURON_CONFIG_FILE = "neuron_config.json"
 TOKENIZER_AND_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # Weights in formats nothing here reads: Meta's originals (Llama 3's `original/`, 16 GB for 8B), other frameworks'.
 UNREAD_WEIGHTS = ["original/*", "*.pth", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
@@ -50,6 +52,12 @@ def resolve_model_dir(config: Config, weights: bool = True) -> Path:
     return Path(path)
 
 
+def read_neuron_config(model_dir: Path) -> dict[str, Any] | None:
+    """A compiled Neuron model's `neuron_config.json` (optimum-neuron's), None for any other model."""
+    path = Path(model_dir) / NEURON_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_tokenizer(model_dir: Path, token: str | None = None):
     """The model's fast tokenizer; a compiled Neuron model without one uses its checkpoint's (a gated one
     with `token`)."""
@@ -57,11 +65,9 @@ def load_tokenizer(model_dir: Path, token: str | None = None):
 
     source: str | Path = model_dir
     revision = None
-    neuron_config = Path(model_dir) / "neuron_config.json"
-    if not (Path(model_dir) / "tokenizer.json").is_file() and neuron_config.is_file():
-        saved = json.loads(neuron_config.read_text())
-        if saved.get("checkpoint_id"):
-            source, revision = saved["checkpoint_id"], saved.get("checkpoint_revision")
+    saved = None if (Path(model_dir) / "tokenizer.json").is_file() else read_neuron_config(model_dir)
+    if saved and saved.get("checkpoint_id"):
+        source, revision = saved["checkpoint_id"], saved.get("checkpoint_revision")
     tokenizer = AutoTokenizer.from_pretrained(source, token=token, revision=revision)
     if not tokenizer.is_fast:
         raise ConfigError(f"{source} has no fast tokenizer (tokenizer.json); neuron-serve needs one")

@@ -785,7 +785,8 @@ def simulate(args) -> tuple[dict, list[Run]]:
     where = (f"streaming is CPU-bound: a proxy fills its core at ~{ceilings['proxy']} tok/s, an ingress replica at "
              f"~{ceilings['ingress replica']} tok/s, the whole serving path fills this host at ~{list(ceilings.values())[2]} "
              f"tok/s (and this load generator, one process, its core at "
-             f"~{round(1000 / ms.get('load generator', 1e-9))} tok/s); linear ({needed:.0f} tok/s) needs >= {-(-needed // ceilings['ingress replica']):.0f} ingress "
+             f"~{round(1000 / ms.get('load generator', 1e-9))} tok/s); linear ({needed:.0f} tok/s) needs "
+             f">= {-(-needed // ceilings['ingress replica']):.0f} ingress "
              f"replica(s) and >= {-(-needed // ceilings['proxy']):.0f} proxy(ies), i.e. nodes (one proxy per node)")
     print_table(runs)
     print(f"\n{args.simulate}: {cores} neuron_cores, {group} per group -> {replicas} replicas of a simulated "

@@ -28,12 +28,11 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import ConfigError
-from ..model_files import on_the_hub
+from ..model_files import on_the_hub, read_neuron_config
 from ..tiny_model import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-NEURON_CONFIG_FILE = "neuron_config.json"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "float32": "float32"}
 
@@ -77,11 +76,6 @@ class ExportPlan:
         return f"b{self.batch_size}-s{self.sequence_length}-tp{self.num_cores}-{self.dtype}"
 
 
-def read_neuron_config(model_dir: Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / NEURON_CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def export_plan(config: Config, model_dir: Path) -> ExportPlan:
     """neuronx-tgi's export settings (HF_*), else ours, else the model's own positions and bfloat16."""
     model_config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -118,14 +112,13 @@ def check_against_settings(config: Config, shape: CompiledShape) -> None:
             f"`cores_per_replica` ({config.cores_per_replica}) must be equal to the compiled model's tp_degree "
             f"({shape.tp_degree}): each replica asks Ray for exactly the cores the model was compiled for"
         )
-    if config.export_num_cores is not None and config.export_num_cores != shape.tp_degree:
-        raise ConfigError(f"HF_NUM_CORES ({config.export_num_cores}) must be equal to the compiled model's tp_degree ({shape.tp_degree})")
-    if config.export_batch_size is not None and config.export_batch_size != shape.batch_size:
-        raise ConfigError(f"HF_BATCH_SIZE ({config.export_batch_size}) must be equal to the compiled model's batch_size "
-                          f"({shape.batch_size})")
-    if config.export_sequence_length is not None and config.export_sequence_length != shape.sequence_length:
-        raise ConfigError(f"HF_SEQUENCE_LENGTH ({config.export_sequence_length}) must be equal to the compiled model's "
-                          f"sequence_length ({shape.sequence_length})")
+    for variable, asked, dimension, compiled in (
+        ("HF_NUM_CORES", config.export_num_cores, "tp_degree", shape.tp_degree),
+        ("HF_BATCH_SIZE", config.export_batch_size, "batch_size", shape.batch_size),
+        ("HF_SEQUENCE_LENGTH", config.export_sequence_length, "sequence_length", shape.sequence_length),
+    ):
+        if asked is not None and asked != compiled:
+            raise ConfigError(f"{variable} ({asked}) must be equal to the compiled model's {dimension} ({compiled})")
     if config.export_auto_cast_type and DTYPES[config.export_auto_cast_type] != shape.dtype:
         raise ConfigError(
             f"HF_AUTO_CAST_TYPE ({config.export_auto_cast_type}) must match the compiled model's dtype ({shape.dtype})"
