@@ -23,14 +23,16 @@ ENV PATH=/opt/aws/neuron/bin:$PATH \
     HF_HUB_CACHE=/data \
     XDG_CACHE_HOME=/data \
     NEURON_COMPILE_CACHE_URL=/data/neuron-compile-cache \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    PORT=80
 VOLUME /data
 
-# 8000: Serve HTTP (the TGI API); 8265: Ray dashboard; 8080: Ray's Prometheus metrics.
-EXPOSE 8000 8265 8080
+# 80: the TGI API (Serve's HTTP proxy on PORT, as TGI's images: `docker run -p 8080:80`); 8265: Ray dashboard;
+# 8080: Ray's Prometheus metrics.
+EXPOSE 80 8265 8080
 
 # The base image's entrypoint and health check start TorchServe: replace them.
-HEALTHCHECK --start-period=30m CMD curl -fs http://localhost:8000/health || exit 1
+HEALTHCHECK --start-period=30m CMD curl -fs "http://localhost:$(cat "${TMPDIR:-/tmp}/neuron-serve.port")/health" || exit 1
 # Ray with its metrics on 8080, then the app; SIGTERM drains in-flight requests first (see the script).
 # TGI variables (MODEL_ID, HF_TOKEN, MAX_BATCH_SIZE, HF_NUM_CORES, ...) and, as with neuronx-tgi, TGI
 # launcher arguments after the image name (--model-id, --max-batch-size, ...) override serve_config.yaml's

@@ -16,7 +16,8 @@ import sys
 
 from .config import ENV_NAMES
 
-VARIABLES = {name for names in ENV_NAMES.values() for name in names}
+# The app's settings, and the API's port, which the container gives `serve run` (deployments/http_port.py).
+VARIABLES = {name for names in ENV_NAMES.values() for name in names} | {"PORT"}
 
 
 def launcher_env(argv: list[str]) -> dict[str, str]:

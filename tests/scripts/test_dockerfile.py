@@ -64,7 +64,10 @@ def test_data_volume_neuron_tools_and_ports(parsed):
     assert "/opt/aws/neuron/bin" in variables["PATH"].split(":")
     assert values(parsed, "VOLUME") == ["/data"]
     ports = {p for args in values(parsed, "EXPOSE") for p in args.split()}
-    assert {"8000", "8265", "8080"} <= ports
+    assert {"80", "8265", "8080"} <= ports
+    assert variables["PORT"] == "80"  # the API where TGI's images have it: `docker run -p 8080:80`
+    [check] = values(parsed, "HEALTHCHECK")
+    assert "neuron-serve.port" in check and "/health" in check  # the port the entrypoint chose
 
 
 def test_compiled_models_and_downloads_are_kept_on_the_data_volume(parsed, monkeypatch):
@@ -95,16 +98,19 @@ def fake_cluster(tmp_path: Path, serve_blocks: bool = False) -> dict[str, str]:
     stopped when `serve_blocks`), and a `python` whose drain only writes itself down: the test cluster of
     this session must not be drained."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     for tool in ("ray", "serve"):
         block = "exec sleep 600\n" if tool == "serve" and serve_blocks else ""
         (bin_dir / tool).write_text(f"#!/bin/sh\necho \"{tool} $*: MODEL_ID=$MODEL_ID MAX_BATCH_SIZE=$MAX_BATCH_SIZE "
-                                    f"MAX_INPUT_LENGTH=$MAX_INPUT_LENGTH\" >> {tmp_path}/calls\n{block}")
+                                    f"MAX_INPUT_LENGTH=$MAX_INPUT_LENGTH\" >> {tmp_path}/calls\n"
+                                    f"if [ \"$1\" = run ]; then cp \"$2\" {tmp_path}/served.yaml; fi\n{block}")
         (bin_dir / tool).chmod(0o755)
     (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$2" = deployments.drain ]; then echo drain >> {tmp_path}/calls; '
                                     f'exit 0; fi\nexec {sys.executable} "$@"\n')  # the launcher runs for real
     (bin_dir / "python").chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    env.pop("PORT", None)  # as outside the image
+    return env
 
 
 def test_sigterm_drains_then_stops_serve_and_ray(tmp_path):
@@ -141,4 +147,33 @@ def test_tgi_launcher_arguments_after_the_image_name_become_tgi_variables(tmp_pa
     refused = subprocess.run(["sh", str(script), "--sharded", "true"], env=env, cwd=DOCKERFILE.parent,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--sharded is not a setting of neuron-serve" in refused.stderr
+    assert not (tmp_path / "calls").exists()  # nothing started for it
+
+
+def test_the_api_listens_on_tgi_port_variable_or_argument(tmp_path):
+    """The image sets PORT=80 (`docker run -p 8080:80`, as TGI's); `-e PORT` or `--port` moves it, and only the
+    port: `serve run` gets serve_config.yaml with `http_options.port` replaced, which Serve's schema accepts."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    script = DOCKERFILE.parent / "scripts" / "container_start.sh"
+    original = yaml.safe_load((DOCKERFILE.parent / "serve_config.yaml").read_text())
+    for env_port, args, expected in (("80", [], 80), ("80", ["--port", "8081"], 8081), (None, [], None)):
+        env = fake_cluster(tmp_path)
+        if env_port:
+            env["PORT"] = env_port
+        done = subprocess.run(["sh", str(script), *args], env=env, cwd=DOCKERFILE.parent, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        served = yaml.safe_load((tmp_path / "served.yaml").read_text())
+        if expected is None:  # no PORT (the script outside the image): serve_config.yaml as it is
+            assert served == original
+            continue
+        assert served == {**original, "http_options": {**original["http_options"], "port": expected}}
+        assert ServeDeploySchema.parse_obj(served).http_options.port == expected
+        assert (tmp_path / "neuron-serve.port").read_text().strip() == str(expected)
+    (tmp_path / "calls").unlink()
+    refused = subprocess.run(["sh", str(script), "--port", "http"], env=fake_cluster(tmp_path), cwd=DOCKERFILE.parent,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "PORT must be a TCP port (1-65535), got 'http'" in refused.stderr
     assert not (tmp_path / "calls").exists()  # nothing started for it
