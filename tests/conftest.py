@@ -97,6 +97,27 @@ def ray_logs() -> Path:
     return Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
 
 
+def replica_logs(app: str = "main", deployment: str = "*") -> list[Path]:
+    """The log files of `app`'s replicas (of `deployment`)."""
+    return list((ray_logs() / "serve").glob(f"replica_{app}_{deployment}_*.log"))
+
+
+def replica_lines(request_id: str, app: str = "main", deployment: str = "*") -> list[str]:
+    """The lines of those files that carry `request_id`."""
+    return [line for f in replica_logs(app, deployment) for line in f.read_text().splitlines() if request_id in line]
+
+
+def logged_line(request_id: str, marker: str, app: str, deadline_s: float = 20) -> str:
+    """The one line of `app`'s batchers with `marker` for `request_id` (the files are written a moment later)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        lines = [line for line in replica_lines(request_id, app, "NeuronBatcher") if marker in line]
+        if lines or time.monotonic() > deadline:
+            assert len(lines) == 1, (marker, lines)
+            return lines[0]
+        time.sleep(0.5)
+
+
 def load_script(name: str):
     """`scripts/<name>.py` as a module, registered under `name` (its dataclasses look their module up by name)."""
     import importlib.util

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 
 import httpx
 import pytest
+
+from deployments.service import FAILURE_LABEL
 
 from .conftest import SIMULATED, body, run, stream, wait_until
 from .test_faults import batcher, kill_replica
@@ -37,6 +40,20 @@ def counters(url: str) -> dict[str, float]:
     return out
 
 
+def failures(url: str) -> Counter:
+    """tgi_request_failure by its `err` label."""
+    found = Counter()
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("tgi_request_failure{"):
+            found[line.split('err="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def refused(r: httpx.Response) -> tuple[str, int, str]:
+    """An error response (TGI's shape on every route): its status and error_type."""
+    return ("error", r.status_code, r.json()["error_type"])
+
+
 def test_every_request_is_counted_once(ledger):
     rng = random.Random(3)
 
@@ -45,17 +62,16 @@ def test_every_request_is_counted_once(ledger):
             return await stream(client, ledger, body(rng.randint(5, 60)))
         if kind == "ok_generate":
             r = await client.post(f"{ledger}/generate", json=body(20))
-            return "complete" if r.status_code == 200 else ("error", r.status_code)
+            return "complete" if r.status_code == 200 else refused(r)
         if kind == "invalid":
-            r = await client.post(f"{ledger}/generate", json=body(0))
-            return ("error", r.status_code)
+            return refused(await client.post(f"{ledger}/generate", json=body(0)))
         if kind == "refused_stream":  # refused before the stream starts: a plain 422
             tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
             chat = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "stream": True}
             completion = {"prompt": "hi", "suffix": "!", "stream": True}
             r = await client.post(f"{ledger}/v1/chat/completions", json=chat) if rng.random() < 0.5 else \
                 await client.post(f"{ledger}/v1/completions", json=completion)
-            return ("error", r.status_code)
+            return refused(r)
         if kind == "drop":
             def walk_away(result):
                 if len(result.tokens) >= 3:
@@ -102,3 +118,8 @@ def test_every_request_is_counted_once(ledger):
         page = httpx.get(f"{ledger}/metrics", timeout=30).text
         raise AssertionError(f"sent {sent}, counters {counters(ledger)}; page:\n{page[:3000]}") from None
     assert c["tgi_request_success"] == complete, (c, complete)
+    # each failure under its own label: what the client saw, as the ingress names it for TGI's `err`
+    expected = Counter("dropped" if o == "dropped" else FAILURE_LABEL[o[2] if isinstance(o, tuple) else o.errors[0]["error_type"]]
+                       for o in outcomes if not (o == "complete" or getattr(o, "complete", False)))
+    assert {"validation", "overloaded", "dropped", "generation"} <= set(expected), expected
+    assert failures(ledger) == expected

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from ..conftest import logged_line
 from .conftest import SIMULATED, StreamResult, all_rows_free, body, replicas, run, stream, streaming, wait_until
 
 pytestmark = pytest.mark.slow
@@ -102,6 +103,8 @@ def test_a_failed_prefill_fails_only_its_request(single):
     assert refused.status_code == 424
     assert refused.json() == {"error": "Request failed during generation: InjectedFault: injected prefill fault",
                               "error_type": "generation"}
+    line = logged_line(refused.headers["x-request-id"], "request failed:", "single")
+    assert "error='Request failed during generation: InjectedFault: injected prefill fault'" in line
     assert running.complete and len(running.tokens) == 200  # it was not in the failed forward
     assert httpx.post(f"{single}/generate", json=body(5), timeout=60).status_code == 200
     wait_until(lambda: all_rows_free(single), 30, what="rows free")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 
 import httpx
 import pytest
 
+from ..conftest import logged_line
 from .conftest import SIMULATED, all_rows_free, body, replicas, run, stream, streaming, wait_until
 
 pytestmark = pytest.mark.slow
@@ -127,6 +129,8 @@ def test_a_client_gone_mid_stream_frees_its_row(narrow, headers):
             assert len(seen) >= 2
         gone = time.monotonic()
     wait_until(lambda: all_rows_free(narrow), 8, what="its row free")
+    line = logged_line(response.headers["x-request-id"], "request cancelled:", "narrow")
+    assert re.search(r"output_tokens=\d+", line), line
     print(f"disconnect: the row was free {time.monotonic() - gone:.2f}s after the client hung up")
 
 

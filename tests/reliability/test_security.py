@@ -14,12 +14,14 @@ from .conftest import SIMULATED
 
 KEY = "a-long-enough-api-key-0123456789"
 SECRET_PROMPT = "my bank password is hunter2-and-then-some"
+UI = "https://ui.example"
 
 
 @pytest.fixture(scope="module")
 def secured(cluster):
     url = cluster.deploy("secured", {**SIMULATED, "num_replicas": 1, "api_key": KEY,
-                                     "api_key_open_paths": ["/health", "/metrics"], "payload_limit": 10_000})
+                                     "api_key_open_paths": ["/health", "/metrics"], "payload_limit": 10_000,
+                                     "cors_allow_origin": [UI]})
     yield url
     cluster.delete("secured")
 
@@ -41,6 +43,24 @@ def test_every_route_but_the_open_ones_needs_the_key(secured):
         with_key = httpx.request(method, f"{secured}{path}", headers=auth, json={}, timeout=30)
         assert with_key.status_code != 401, (method, path)
     assert httpx.get(f"{secured}/ping", timeout=30).status_code == 401  # not open in this configuration
+
+
+def test_only_the_allowed_origin_may_call_from_a_browser(secured):
+    """CORS_ALLOW_ORIGIN, as TGI: a browser's preflight (which carries no key) passes for the listed origin
+    alone, for GET and POST with the key's header; its answers then carry the origin."""
+    def preflight(origin: str) -> httpx.Response:
+        return httpx.options(f"{secured}/generate", timeout=30, headers={
+            "origin": origin, "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type"})
+
+    allowed = preflight(UI)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == UI
+    assert {"GET", "POST"} <= {m.strip() for m in allowed.headers["access-control-allow-methods"].split(",")}
+    other = preflight("https://elsewhere.example")
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    r = httpx.post(f"{secured}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=60,
+                   headers={"origin": UI, "authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == UI
 
 
 def test_the_key_is_compared_in_constant_time(monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..conftest import ray_logs
+from ..conftest import logged_line, ray_logs, replica_lines, replica_logs
 from .conftest import SIDE_ARGS
 
 
@@ -195,6 +195,18 @@ def test_unknown_routes_and_methods_answer_in_tgi_error_shape_and_head_works(app
         assert head.headers.get("content-type") == get.headers.get("content-type"), path
 
 
+def test_any_origin_may_call_when_none_is_configured(app):
+    """TGI's default CORS: every origin, GET and POST, with the JSON content type (the streams too)."""
+    preflight = httpx.options(f"{app}/generate_stream", timeout=30, headers={
+        "origin": "https://ui.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+    with httpx.stream("POST", f"{app}/generate_stream", headers={"origin": "https://ui.example"}, timeout=60,
+                      json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}) as r:
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert any(line.startswith("data:") for line in r.iter_lines())
+
+
 def test_docs_and_openapi(app):
     spec = httpx.get(f"{app}/api-doc/openapi.json", timeout=30).json()
     for path in ("/generate", "/generate_stream", "/", "/v1/chat/completions", "/v1/completions", "/v1/models",
@@ -227,28 +239,12 @@ def test_invocations_dispatches_like_sagemaker(app, body):
         assert r.json()["object"] in ("chat.completion", "text_completion")
 
 
-def replica_logs(deployment: str = "*") -> list[Path]:
-    """The main app's replica log files (of `deployment`)."""
-    return list((ray_logs() / "serve").glob(f"replica_main_{deployment}_*.log"))
-
-
-def replica_lines(request_id: str, deployment: str = "*") -> list[str]:
-    """The lines of those files that carry `request_id`."""
-    return [line for f in replica_logs(deployment) for line in f.read_text().splitlines() if request_id in line]
-
-
 def test_one_structured_log_line_per_request_without_the_prompt(app):
     prompt = "A secret prompt that must not be logged"
     r = httpx.post(f"{app}/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 3}}, timeout=60)
-    request_id = r.headers["x-request-id"]
-    deadline = time.monotonic() + 20
-    lines: list[str] = []
-    while time.monotonic() < deadline and not lines:
-        lines = [line for line in replica_lines(request_id, "NeuronBatcher") if "request done:" in line]
-        time.sleep(0.5)
-    assert len(lines) == 1, lines
+    line = logged_line(r.headers["x-request-id"], "request done:", "main")
     assert re.search(r"replica=\w+ cores=(0,1|2,3) input_tokens=\d+ output_tokens=3 finish=length replica_queue_ms=[\d.]+ "
-                     r"inference_ms=[\d.]+", lines[0]), lines[0]
+                     r"inference_ms=[\d.]+", line), line
     everything = "".join(f.read_text() for f in replica_logs())
     assert prompt not in everything
 
