@@ -20,6 +20,15 @@ def batcher(app: str):
     return serve.get_deployment_handle("NeuronBatcher", app_name=app)
 
 
+def batcher_tags(app: str) -> list[str]:
+    """The replica tags of `app`'s live batchers, from Ray's named actors (no call that a busy replica holds)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#NeuronBatcher#"
+    return [a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+
+
 def kill_replica(app: str, tag: str) -> None:
     import ray
 
