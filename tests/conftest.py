@@ -107,11 +107,11 @@ def replica_lines(request_id: str, app: str = "main", deployment: str = "*") -> 
     return [line for f in replica_logs(app, deployment) for line in f.read_text().splitlines() if request_id in line]
 
 
-def logged_line(request_id: str, marker: str, app: str, deadline_s: float = 20) -> str:
-    """The one line of `app`'s batchers with `marker` for `request_id` (the files are written a moment later)."""
+def logged_line(request_id: str, marker: str, app: str, deployment: str = "NeuronBatcher", deadline_s: float = 20) -> str:
+    """The one line of `app`'s `deployment` with `marker` for `request_id` (the files are written a moment later)."""
     deadline = time.monotonic() + deadline_s
     while True:
-        lines = [line for line in replica_lines(request_id, app, "NeuronBatcher") if marker in line]
+        lines = [line for line in replica_lines(request_id, app, deployment) if marker in line]
         if lines or time.monotonic() > deadline:
             assert len(lines) == 1, (marker, lines)
             return lines[0]

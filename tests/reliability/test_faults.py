@@ -100,6 +100,32 @@ def test_replica_killed_mid_stream(pair):
     assert set(served) == set(tags) and all(n > 0 for n in served.values()), served
 
 
+@pytest.fixture(scope="module")
+def one_row(cluster):
+    url = cluster.deploy("onerow", {**SIMULATED, "num_replicas": 1, "max_batch_size": 1, "max_queued_per_replica": 1})
+    yield url
+    cluster.delete("onerow")
+
+
+def test_a_request_queued_in_a_killed_replica_is_sent_again_and_its_client_sees_nothing(one_row):
+    """A replica streams in its one row and holds one request behind it, with no event yet. Killing it fails
+    the stream, whose tokens had flowed, with one error event; the queued request is sent again, waits for
+    the replica Serve starts in its place, and completes."""
+    async def scenario():
+        async with httpx.AsyncClient(timeout=180) as client:
+            [row] = await streaming(client, one_row, 1, 1000)
+            queued = asyncio.create_task(client.post(f"{one_row}/generate", json=body(5)))
+            await asyncio.sleep(1.5)  # in the replica's queue, held there past batcher.IN_HAND_AFTER_S
+            [tag] = batcher_tags("onerow")
+            kill_replica("onerow", tag)
+            return await asyncio.wait_for(row, 60), await asyncio.wait_for(queued, 120)
+
+    lost, queued = run(scenario())
+    assert lost.failed_cleanly and lost.tokens and lost.errors[0]["error_type"] == "generation", lost
+    assert queued.status_code == 200 and queued.json()["generated_text"], queued.text
+    logged_line(queued.headers["x-request-id"], "sending it again", "onerow", "Ingress")
+
+
 def test_a_failed_prefill_fails_only_its_request(single):
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
