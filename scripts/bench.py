@@ -13,10 +13,11 @@ then the JSON summary as the last line.
                                                        # (and the idle TTFT of a no-op app on the same hops)
     python scripts/bench.py --simulate inf2.48xlarge   # a fleet of simulated NeuronCore groups, 1000 streams
 
-Tokens are counted as they arrive: one per TGI event or engine event (special tokens such as EOS
-left out). An OpenAI stream carries text, several tokens per chunk; its tokens are counted against
-the engine's own tokens for the same prompt where the text matches (side-by-side), else by
-re-tokenizing the text so far. A chunk of k tokens counts k ITLs, each its gap to the previous / k.
+Tokens are counted as they arrive, in pieces: what one network read brings (TGI events, one token
+each) or one engine hand-over, special tokens such as EOS left out. An OpenAI stream carries text,
+several tokens per chunk; its tokens are counted against the engine's own tokens for the same prompt
+where the text matches (side-by-side), else by re-tokenizing the text so far. A piece of k tokens
+counts k ITLs, each its gap to the previous piece / k.
 """
 
 from __future__ import annotations
@@ -168,13 +169,19 @@ class Target(Protocol):
         """Yields how many tokens each piece of the answer holds, as it arrives; raises TargetError."""
 
 
-async def sse_events(client: aiohttp.ClientSession, url: str, body: dict) -> AsyncIterator[dict]:
+async def sse_reads(client: aiohttp.ClientSession, url: str, body: dict) -> AsyncIterator[list[dict]]:
+    """The `data:` events of each network read, as they arrive. Events written at once (a step's k tokens,
+    with `stream_interval` k) arrive at once, and count as one piece of k tokens, as the engine's do."""
     async with client.post(url, json=body) as response:
         if response.status != 200:
             raise TargetError(f"HTTP {response.status}: {(await response.text())[:200]}")
-        async for line in response.content:  # one line at a time
-            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
-                yield json.loads(line[5:])
+        pending = b""
+        async for data in response.content.iter_any():
+            *lines, pending = (pending + data).split(b"\n")
+            events = [json.loads(line[5:]) for line in lines
+                      if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"]
+            if events:
+                yield events
 
 
 @dataclass
@@ -187,12 +194,16 @@ class TGIStream:
 
     async def stream(self, job: Job) -> AsyncIterator[int]:
         body = {"inputs": job.prompt, "parameters": {"max_new_tokens": job.max_new_tokens, "do_sample": False}}
-        async for event in sse_events(self.client, f"{self.url}/generate_stream", body):
-            if "error" in event:
-                raise TargetError(f"{event.get('error_type')}: {event['error']}")
-            yield 0 if event["token"]["special"] else 1
-            if event.get("generated_text") is not None:
-                return
+        async for events in sse_reads(self.client, f"{self.url}/generate_stream", body):
+            tokens = 0
+            for event in events:
+                if "error" in event:
+                    raise TargetError(f"{event.get('error_type')}: {event['error']}")
+                tokens += not event["token"]["special"]
+                if event.get("generated_text") is not None:
+                    yield tokens
+                    return
+            yield tokens
         raise TargetError("the stream ended before its last event")
 
 
@@ -226,16 +237,19 @@ class OpenAIChatStream:
         body = {"model": self.model, "messages": [{"role": "user", "content": job.prompt}],
                 "max_tokens": job.max_new_tokens, "temperature": 0, "stream": True}
         text, counted, aligned = "", 0, False
-        async for event in sse_events(self.client, f"{self.url}/v1/chat/completions", body):
-            if "error" in event:
-                raise TargetError(str(event["error"]))
-            choice = (event.get("choices") or [{}])[0]
-            if (choice.get("delta") or {}).get("content"):
-                text += choice["delta"]["content"]
+        async for events in sse_reads(self.client, f"{self.url}/v1/chat/completions", body):
+            finished = False
+            for event in events:
+                if "error" in event:
+                    raise TargetError(str(event["error"]))
+                choice = (event.get("choices") or [{}])[0]
+                text += (choice.get("delta") or {}).get("content") or ""
+                finished = finished or bool(choice.get("finish_reason"))
+            if text:
                 now, aligned = self.count(job, text)
                 yield max(0, now - counted)
                 counted = max(now, counted)
-            if choice.get("finish_reason"):
+            if finished:
                 self.seen.add(job.prompt)
                 if aligned and "".join(self.reference[job.prompt]) == text:
                     self.matched.add(job.prompt)

@@ -121,6 +121,44 @@ def test_open_loop_latency_counts_from_the_schedule_not_the_delayed_send(bench):
     assert ttfts[-1] >= 0.25, ttfts  # sent 0.2 s late, then 0.1 s to its token
 
 
+def test_events_written_together_count_as_one_piece(bench):
+    """A server that hands over k tokens at once (`stream_interval` k) writes k TGI events in one go: they
+    count as one piece of k tokens, k ITLs of the gap / k, as the engine's hand-overs do, not one gap and
+    k - 1 of zero."""
+    from aiohttp import web
+
+    def event(i: int, last: bool = False) -> bytes:
+        token = {"id": i, "text": "x", "logprob": 0.0, "special": False}
+        return b"data:" + json.dumps({"token": token, "generated_text": "x" * i if last else None}).encode() + b"\n\n"
+
+    async def generate_stream(request):
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(event(1))
+        for pieces in ([2, 3, 4], [5, 6, 7]):
+            await asyncio.sleep(0.06)
+            await response.write(b"".join(event(i, last=i == 7) for i in pieces))  # one write, 3 events
+        return response
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/generate_stream", generate_stream)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with bench.http_target(bench.TGIStream, "tgi", f"http://127.0.0.1:{port}") as target:
+                return await bench.run_load(target, [bench.Job("p", (0,), 7, arrival=0.0)], concurrency=1, quiet=True)
+        finally:
+            await runner.cleanup()
+
+    [record] = asyncio.run(scenario()).records
+    assert record.error is None and [n for _, n in record.chunks] == [1, 3, 3]
+    assert len(record.itls()) == 6 and min(record.itls()) >= 0.015  # each a third of a 60 ms gap, none 0
+
+
 def test_side_by_side_runs_the_two_paths_in_turns(bench):
     """Engine and serve run alternate at each load, ABBA, and each round's two runs are paired."""
     order = []
