@@ -1,4 +1,4 @@
-# neuron-serve for AWS Inferentia2 / Trainium1: `docker run --device=/dev/neuron0 -p 8000:8000 -v data:/data IMAGE`.
+# neuron-serve for AWS Inferentia2 / Trainium1: `docker run --device=/dev/neuron0 -p 8080:80 -v data:/data IMAGE`.
 #
 # Base: AWS's Neuron deep-learning container for PyTorch inference, Neuron SDK 2.26.1 on Ubuntu 22.04,
 # Python 3.11: torch 2.8 with torch-neuronx 2.8.0.2.10, neuronx-cc 2.21, neuronx-distributed 0.15, the
