@@ -86,7 +86,7 @@ def test_openai_sdk(app, greedy_text, greedy_raw_text, greedy_chat_text):
 
 
 def test_the_load_generators_streams(app, tokenizer, reference, greedy_chat_text):
-    """scripts/bench.py's own clients: TGI's stream and OpenAI's, counted token by token; a refusal is an error."""
+    """scripts/bench.py's own clients: TGI's stream and OpenAI's, every token counted; a refusal is an error."""
     import asyncio
 
     bench = load_script("bench")
@@ -104,6 +104,7 @@ def test_the_load_generators_streams(app, tokenizer, reference, greedy_chat_text
 
     counts, chat_counts, seen = asyncio.run(main())
     greedy = reference(tokenizer(PROMPT).input_ids, N)
-    assert counts == [0 if t in tokenizer.all_special_ids else 1 for t in greedy]
+    tokens = [0 if t in tokenizer.all_special_ids else 1 for t in greedy]
+    assert sum(counts) == sum(tokens) and 0 < len(counts) <= len(tokens)  # a piece per network read
     assert sum(chat_counts) == len(tokenizer(greedy_chat_text, add_special_tokens=False).input_ids) > 0
     assert seen == {PROMPT}
