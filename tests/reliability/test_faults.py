@@ -57,6 +57,13 @@ def stalling(cluster):
     cluster.delete("stalling")
 
 
+@pytest.fixture(scope="module")
+def one_row(cluster):
+    url = cluster.deploy("onerow", {**SIMULATED, "num_replicas": 1, "max_batch_size": 1, "max_queued_per_replica": 1})
+    yield url
+    cluster.delete("onerow")
+
+
 def test_replica_killed_mid_stream(pair):
     """Its streams end with one error event; others complete; newcomers are served; it comes back."""
 
@@ -98,13 +105,6 @@ def test_replica_killed_mid_stream(pair):
     assert all(r.complete for r in run(burst()))
     served = {r["replica"]: r["served"] for r in replicas(pair)}
     assert set(served) == set(tags) and all(n > 0 for n in served.values()), served
-
-
-@pytest.fixture(scope="module")
-def one_row(cluster):
-    url = cluster.deploy("onerow", {**SIMULATED, "num_replicas": 1, "max_batch_size": 1, "max_queued_per_replica": 1})
-    yield url
-    cluster.delete("onerow")
 
 
 def test_a_request_queued_in_a_killed_replica_is_sent_again_and_its_client_sees_nothing(one_row):
