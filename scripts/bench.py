@@ -276,12 +276,17 @@ class EngineStream:
             yield len(tokens)
 
 
+def torch_threads(config: Config) -> int:
+    """The threads a NeuronBatcher replica's torch computes with: its `replica_cpus`, at least one."""
+    return max(1, int(config.replica_cpus))
+
+
 @contextlib.asynccontextmanager
 async def engine_target(config: Config) -> AsyncIterator[EngineStream]:
     if config.backend == "torch" and config.replica_cpus >= 1:  # as a NeuronBatcher replica sets itself up
         import torch
 
-        torch.set_num_threads(int(config.replica_cpus))
+        torch.set_num_threads(torch_threads(config))
     engine = AsyncEngine(build_engine(config), stream_interval=config.stream_interval)  # as a batcher runs it
     engine.start()
     try:
@@ -615,9 +620,13 @@ def pooled(runs: list[Run]) -> Run:
                sum(run.seconds for run in runs))
 
 
-def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, sweep,
-                       out: Path) -> tuple[list[Run], str, OpenAIChatStream]:
-    """`transformers serve` on the same model: with --continuous_batching where it streams tokens, else its default."""
+def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, sweep, out: Path,
+                       threads: int) -> tuple[list[Run], str, OpenAIChatStream]:
+    """`transformers serve` on the same model: with --continuous_batching where it streams tokens, else its default.
+
+    Its torch runs `threads` threads per forward, as a batcher's does. With torch's default (one per core) and
+    a generate() thread per request, 4 streams on a 16-core host took 43-74 s a request; on 2 cores, 8
+    streams gave 259-262 tok/s with one thread against 208-244 with two (alternating runs)."""
     failure, peer = None, []
     for continuous in (True, False):
         port = free_port()
@@ -625,13 +634,14 @@ def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, s
         cmd = [str(BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning"]
         open_peer = lambda: http_target(OpenAIChatStream, "transformers serve", url, model=model,  # noqa: E731
                                         tokenizer=tokenizer, reference=reference)
-        with server(cmd + ["--continuous_batching"] * continuous, url, log):
+        with server(cmd + ["--continuous_batching"] * continuous, url, log, env={"OMP_NUM_THREADS": str(threads)}):
             probe = measure(open_peer, [probe_job], [1])[0].records[0] if continuous else None
             if probe and (probe.error or not probe.tokens):
                 failure = f"{probe.error or 'no tokens streamed'} (server log: {last_error_line(log)})"
                 continue
-            mode = "--continuous_batching" if continuous else \
-                f"default (one generate() thread per request); --continuous_batching failed: {failure}"
+            mode = ("--continuous_batching" if continuous else
+                    f"default (one generate() thread per request); --continuous_batching failed: {failure}")
+            mode += f"; torch threads {threads}, as a batcher's"
             return sweep(open_peer, keep=peer), mode, peer[0]
 
 
@@ -669,7 +679,8 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
                 waiting = measure(lambda: http_target(TGIStream, "no-op app + wait (HTTP)", f"{url}/waiting"),
                                   jobs, [1] * args.rounds, per_stream=args.per_stream)
         model = str(pass_through_model(model_dir, Path(tmp)))
-        peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out)
+        peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out,
+                                                   threads=torch_threads(config))
     runs = ([pooled([p.engine for p in turns.pairs[c]]) for c in levels]
             + [pooled([p.serve for p in turns.pairs[c]]) for c in levels]
             + [pooled(measured) for measured in (floors, waiting) if measured] + peer_runs)

@@ -159,6 +159,34 @@ def test_events_written_together_count_as_one_piece(bench):
     assert len(record.itls()) == 6 and min(record.itls()) >= 0.015  # each a third of a 60 ms gap, none 0
 
 
+def test_transformers_serve_computes_with_as_many_threads_as_a_batcher(bench, monkeypatch, tmp_path):
+    """torch's default, a thread per core for every forward, with a generate() thread per request, made
+    the peer crawl on a 16-core host: it gets a batcher's threads."""
+    import types
+
+    started = []
+
+    @contextlib.contextmanager
+    def fake_server(cmd, url, log, env=None):
+        started.append((cmd, env))
+        yield
+
+    streamed = types.SimpleNamespace(records=[types.SimpleNamespace(error=None, tokens=3)])
+    monkeypatch.setattr(bench, "server", fake_server)
+    monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: [streamed])
+
+    def sweep(open_peer, keep):
+        keep.append("the peer")
+        return ["its runs"]
+
+    job = bench.Job("p", (0,), 3, arrival=0.0)
+    runs, mode, _ = bench.transformers_serve("model", None, {}, job, sweep, tmp_path, threads=bench.torch_threads(
+        bench.Config(replica_cpus=3)))
+    [(cmd, env)] = started
+    assert env == {"OMP_NUM_THREADS": "3"} and cmd[1:2] == ["serve"] and "--continuous_batching" in cmd
+    assert runs == ["its runs"] and mode == "--continuous_batching; torch threads 3, as a batcher's"
+
+
 def test_side_by_side_runs_the_two_paths_in_turns(bench):
     """Engine and serve run alternate at each load, ABBA, and each round's two runs are paired."""
     order = []
