@@ -45,10 +45,10 @@ class NeuronBatcher:
         self.config = config
         logger.info("NeuronBatcher %s: NeuronCores [%s], loading %s (backend %s)",
                     self.replica, self.cores or "none", config.model_id, config.backend)
-        if config.backend == "torch" and config.replica_cpus >= 1:
+        if config.torch_threads:
             import torch
 
-            torch.set_num_threads(int(config.replica_cpus))
+            torch.set_num_threads(config.torch_threads)
         started = time.monotonic()
         # Minutes for a compiled model on inf2: off the event loop, bounded by the configured timeout.
         engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)

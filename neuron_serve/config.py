@@ -123,6 +123,12 @@ class Config(BaseModel):
     export_num_cores: int | None = Field(None, gt=0)
 
     @property
+    def torch_threads(self) -> int | None:
+        """The threads the torch backend computes with: one per CPU of `replica_cpus`; None below one CPU
+        (torch's default, a thread per core)."""
+        return int(self.replica_cpus) if self.backend == "torch" and self.replica_cpus >= 1 else None
+
+    @property
     def token(self) -> str | None:
         """The hub token (HF_TOKEN), for gated repositories."""
         return self.hf_token.get_secret_value() if self.hf_token else None

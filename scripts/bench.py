@@ -238,14 +238,14 @@ class OpenAIChatStream:
                 "max_tokens": job.max_new_tokens, "temperature": 0, "stream": True}
         text, counted, aligned = "", 0, False
         async for events in sse_reads(self.client, f"{self.url}/v1/chat/completions", body):
-            finished = False
+            before, finished = len(text), False
             for event in events:
                 if "error" in event:
                     raise TargetError(str(event["error"]))
                 choice = (event.get("choices") or [{}])[0]
                 text += (choice.get("delta") or {}).get("content") or ""
                 finished = finished or bool(choice.get("finish_reason"))
-            if text:
+            if len(text) > before:  # only a read that brought text is counted (it may re-tokenize all of it)
                 now, aligned = self.count(job, text)
                 yield max(0, now - counted)
                 counted = max(now, counted)
@@ -276,17 +276,12 @@ class EngineStream:
             yield len(tokens)
 
 
-def torch_threads(config: Config) -> int:
-    """The threads a NeuronBatcher replica's torch computes with: its `replica_cpus`, at least one."""
-    return max(1, int(config.replica_cpus))
-
-
 @contextlib.asynccontextmanager
 async def engine_target(config: Config) -> AsyncIterator[EngineStream]:
-    if config.backend == "torch" and config.replica_cpus >= 1:  # as a NeuronBatcher replica sets itself up
+    if config.torch_threads:  # as a NeuronBatcher replica sets itself up
         import torch
 
-        torch.set_num_threads(torch_threads(config))
+        torch.set_num_threads(config.torch_threads)
     engine = AsyncEngine(build_engine(config), stream_interval=config.stream_interval)  # as a batcher runs it
     engine.start()
     try:
@@ -621,10 +616,11 @@ def pooled(runs: list[Run]) -> Run:
 
 
 def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, sweep, out: Path,
-                       threads: int) -> tuple[list[Run], str, OpenAIChatStream]:
+                       threads: int | None) -> tuple[list[Run], str, OpenAIChatStream]:
     """`transformers serve` on the same model: with --continuous_batching where it streams tokens, else its default.
 
-    Its torch runs `threads` threads per forward, as a batcher's does. With torch's default (one per core) and
+    Its torch runs `threads` threads per forward, as a batcher's does (None: torch's default, as a batcher
+    below one CPU). With torch's default (one per core) and
     a generate() thread per request, 4 streams on a 16-core host took 43-74 s a request; on 2 cores, 8
     streams gave 259-262 tok/s with one thread against 208-244 with two (alternating runs)."""
     failure, peer = None, []
@@ -634,14 +630,15 @@ def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, s
         cmd = [str(BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning"]
         open_peer = lambda: http_target(OpenAIChatStream, "transformers serve", url, model=model,  # noqa: E731
                                         tokenizer=tokenizer, reference=reference)
-        with server(cmd + ["--continuous_batching"] * continuous, url, log, env={"OMP_NUM_THREADS": str(threads)}):
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        with server(cmd + ["--continuous_batching"] * continuous, url, log, env=env):
             probe = measure(open_peer, [probe_job], [1])[0].records[0] if continuous else None
             if probe and (probe.error or not probe.tokens):
                 failure = f"{probe.error or 'no tokens streamed'} (server log: {last_error_line(log)})"
                 continue
             mode = ("--continuous_batching" if continuous else
                     f"default (one generate() thread per request); --continuous_batching failed: {failure}")
-            mode += f"; torch threads {threads}, as a batcher's"
+            mode += f"; torch threads {threads or 'torch default'}, as a batcher's"
             return sweep(open_peer, keep=peer), mode, peer[0]
 
 
@@ -680,7 +677,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
                                   jobs, [1] * args.rounds, per_stream=args.per_stream)
         model = str(pass_through_model(model_dir, Path(tmp)))
         peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out,
-                                                   threads=torch_threads(config))
+                                                   threads=config.torch_threads)
     runs = ([pooled([p.engine for p in turns.pairs[c]]) for c in levels]
             + [pooled([p.serve for p in turns.pairs[c]]) for c in levels]
             + [pooled(measured) for measured in (floors, waiting) if measured] + peer_runs)

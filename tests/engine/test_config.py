@@ -72,6 +72,14 @@ def test_invalid_settings_name_the_setting(args, env, message):
     assert message in str(error.value)
 
 
+def test_the_torch_backend_computes_with_a_thread_per_cpu_of_its_replica():
+    """What a batcher (and the bench's engine and peer) set torch to; below one CPU, torch's own default."""
+    assert Config(backend="torch", replica_cpus=2).torch_threads == 2
+    assert Config(backend="torch", replica_cpus=1.5).torch_threads == 1
+    assert Config(backend="torch", replica_cpus=0.5).torch_threads is None
+    assert Config(backend="neuron", replica_cpus=2).torch_threads is None
+
+
 def test_limits_are_derived_from_the_model_like_neuronx_tgi():
     limits = resolve_limits(Config(), max_positions=1024)
     assert (limits.max_batch_size, limits.max_total_tokens, limits.max_input_tokens) == (8, 1024, 512)

@@ -180,8 +180,8 @@ def test_transformers_serve_computes_with_as_many_threads_as_a_batcher(bench, mo
         return ["its runs"]
 
     job = bench.Job("p", (0,), 3, arrival=0.0)
-    runs, mode, _ = bench.transformers_serve("model", None, {}, job, sweep, tmp_path, threads=bench.torch_threads(
-        bench.Config(replica_cpus=3)))
+    runs, mode, _ = bench.transformers_serve("model", None, {}, job, sweep, tmp_path,
+                                             threads=bench.Config(backend="torch", replica_cpus=3).torch_threads)
     [(cmd, env)] = started
     assert env == {"OMP_NUM_THREADS": "3"} and cmd[1:2] == ["serve"] and "--continuous_batching" in cmd
     assert runs == ["its runs"] and mode == "--continuous_batching; torch threads 3, as a batcher's"
