@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
+ENTRYPOINT = DOCKERFILE.parent / "scripts" / "container_start.sh"
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -115,9 +116,8 @@ def fake_cluster(tmp_path: Path, serve_blocks: bool = False) -> dict[str, str]:
 
 def test_sigterm_drains_then_stops_serve_and_ray(tmp_path):
     """`docker stop`: the apps drain, then `serve run` and Ray stop, well before Docker's SIGKILL."""
-    script = DOCKERFILE.parent / "scripts" / "container_start.sh"
     calls = tmp_path / "calls"
-    container = subprocess.Popen(["sh", str(script)], env=fake_cluster(tmp_path, serve_blocks=True),
+    container = subprocess.Popen(["sh", str(ENTRYPOINT)], env=fake_cluster(tmp_path, serve_blocks=True),
                                  cwd=DOCKERFILE.parent)
     try:
         deadline = time.monotonic() + 30
@@ -135,16 +135,15 @@ def test_sigterm_drains_then_stops_serve_and_ray(tmp_path):
 
 def test_tgi_launcher_arguments_after_the_image_name_become_tgi_variables(tmp_path):
     """`docker run IMAGE --model-id aws-neuron/m --max-batch-size 1 --max-input-length 1024`, as neuronx-tgi."""
-    script = DOCKERFILE.parent / "scripts" / "container_start.sh"
     env = fake_cluster(tmp_path)
     args = ["--model-id", "aws-neuron/m", "--max-batch-size", "1", "--max-input-length=1024"]
-    done = subprocess.run(["sh", str(script), *args], env=env, cwd=DOCKERFILE.parent, capture_output=True, text=True,
+    done = subprocess.run(["sh", str(ENTRYPOINT), *args], env=env, cwd=DOCKERFILE.parent, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert "serve run serve_config.yaml: MODEL_ID=aws-neuron/m MAX_BATCH_SIZE=1 MAX_INPUT_LENGTH=1024" in calls
     (tmp_path / "calls").unlink()
-    refused = subprocess.run(["sh", str(script), "--sharded", "true"], env=env, cwd=DOCKERFILE.parent,
+    refused = subprocess.run(["sh", str(ENTRYPOINT), "--sharded", "true"], env=env, cwd=DOCKERFILE.parent,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--sharded is not a setting of neuron-serve" in refused.stderr
     assert not (tmp_path / "calls").exists()  # nothing started for it
@@ -156,13 +155,12 @@ def test_the_api_listens_on_tgi_port_variable_or_argument(tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    script = DOCKERFILE.parent / "scripts" / "container_start.sh"
     original = yaml.safe_load((DOCKERFILE.parent / "serve_config.yaml").read_text())
     for env_port, args, expected in (("80", [], 80), ("80", ["--port", "8081"], 8081), (None, [], None)):
         env = fake_cluster(tmp_path)
         if env_port:
             env["PORT"] = env_port
-        done = subprocess.run(["sh", str(script), *args], env=env, cwd=DOCKERFILE.parent, capture_output=True,
+        done = subprocess.run(["sh", str(ENTRYPOINT), *args], env=env, cwd=DOCKERFILE.parent, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         served = yaml.safe_load((tmp_path / "served.yaml").read_text())
@@ -173,7 +171,7 @@ def test_the_api_listens_on_tgi_port_variable_or_argument(tmp_path):
         assert ServeDeploySchema.parse_obj(served).http_options.port == expected
         assert (tmp_path / "neuron-serve.port").read_text().strip() == str(expected)
     (tmp_path / "calls").unlink()
-    refused = subprocess.run(["sh", str(script), "--port", "http"], env=fake_cluster(tmp_path), cwd=DOCKERFILE.parent,
+    refused = subprocess.run(["sh", str(ENTRYPOINT), "--port", "http"], env=fake_cluster(tmp_path), cwd=DOCKERFILE.parent,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "PORT must be a TCP port (1-65535), got 'http'" in refused.stderr
     assert not (tmp_path / "calls").exists()  # nothing started for it
