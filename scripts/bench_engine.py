@@ -5,11 +5,13 @@
 2. engine: the engine in decode steady state on the same batch (sampling, detokenizing, stopping);
 3. insert vs rebuild: both insertion policies under the same Poisson arrival trace with mixed prompt
    and output lengths — throughput and time to first token;
-4. the prefill policy knob (`waiting_served_ratio`) under that trace with `insert`.
+4. the prefill policy knob (`waiting_served_ratio`) under that trace with `insert`;
+5. host sampling at a 128k vocabulary (Llama 3's), batch 8: the engine's sampler against transformers'
+   warpers and `torch.multinomial`, on the same logits (Zipf-shaped, as a language model's are).
 
 Prints a table, then one JSON object as the last line.
 
-    python scripts/bench_engine.py [--requests 48] [--rate 12] [--seed 0]
+    python scripts/bench_engine.py [--requests 48] [--rate 12] [--seed 0] [--sampling-steps 20]
 """
 
 from __future__ import annotations
@@ -25,18 +27,27 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from neuron_serve.config import Config
 from neuron_serve.engine import Engine
 from neuron_serve.loading import open_torch_backend
 from neuron_serve.model_files import eos_token_ids, load_tokenizer, resolve_model_dir
 from neuron_serve.request import GenerationRequest, SamplingParams, StoppingParams, TokenEvent
+from neuron_serve.sampler import RequestSampler, choose
 from neuron_serve.scheduler import InsertionPolicy, PrefillPolicy
 from neuron_serve.tiny_model import corpus_path
 
 from bench import percentile  # scripts/bench.py, beside this file
 
 BATCH = 8
+SAMPLING_VOCAB = 128_256  # Llama 3's
+SAMPLING_CASES = {  # what TGI clients send most
+    "temperature 0.7": SamplingParams(do_sample=True, temperature=0.7),
+    "temperature 0.7, top_p 0.9": SamplingParams(do_sample=True, temperature=0.7, top_p=0.9),
+    "top_p 0.95": SamplingParams(do_sample=True, top_p=0.95),
+    "top_k 50, top_p 0.95": SamplingParams(do_sample=True, top_k=50, top_p=0.95),
+}
 
 
 def make_engine(config: Config, model_dir, tokenizer, insertion="insert", ratio=0.0, max_waiting=20) -> Engine:
@@ -97,6 +108,44 @@ class TraceResult:
     seconds: float
 
 
+def zipf_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Logits whose k-th likeliest token has probability proportional to k^-1.1, the ranks shuffled per row."""
+    generator = torch.Generator().manual_seed(seed)
+    ranked = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    return torch.stack([ranked[torch.randperm(vocab, generator=generator)] for _ in range(rows)])
+
+
+def transformers_choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """What `generate()` does for each row: transformers' warpers, then torch.multinomial."""
+    chosen = []
+    for i, p in enumerate(params):
+        warpers = [TemperatureLogitsWarper(p.temperature)] if p.temperature != 1.0 else []
+        warpers += [TopKLogitsWarper(p.top_k)] if p.top_k else []
+        warpers += [TopPLogitsWarper(p.top_p)] if p.top_p < 1.0 else []
+        scores = LogitsProcessorList(warpers)(None, logits[i : i + 1].clone())
+        chosen.append(int(torch.multinomial(torch.softmax(scores, dim=-1)[0], 1, generator=generators[i])))
+    return chosen
+
+
+def bench_host_sampling(steps: int, seed: int) -> dict[str, tuple[float, float]]:
+    """ms per step of BATCH rows, (ours, transformers'), for each of SAMPLING_CASES."""
+    logits = zipf_logits(BATCH, SAMPLING_VOCAB, seed)
+    history = [list(range(64))] * BATCH
+    timings = {}
+    for name, params in SAMPLING_CASES.items():
+        samplers = [RequestSampler(params) for _ in range(BATCH)]
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(BATCH)]
+        ours = theirs = 0.0
+        for _ in range(steps):  # in turns: the machine's speed drifts
+            start = time.perf_counter()
+            choose(logits, samplers, history)
+            middle = time.perf_counter()
+            transformers_choose(logits, [params] * BATCH, generators)
+            ours, theirs = ours + middle - start, theirs + time.perf_counter() - middle
+        timings[name] = (ours / steps * 1000, theirs / steps * 1000)
+    return timings
+
+
 def run_trace(engine: Engine, trace: list[tuple[float, GenerationRequest]], label: str) -> TraceResult:
     pending = deque(trace)
     arrival = {req.id: t for t, req in trace}
@@ -142,6 +191,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating raw/engine rounds (medians are reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratios", default="0,0.5,1.2", help="waiting_served_ratio values to compare (insert)")
+    parser.add_argument("--sampling-steps", type=int, default=20, help="steps timed per host sampling case")
     args = parser.parse_args()
 
     config = Config(max_batch_size=BATCH)
@@ -170,6 +220,8 @@ def main() -> None:
         knob[ratio] = run_trace(make_engine(config, model_dir, tokenizer, "insert", ratio), trace,
                                 f"trace, insert, waiting_served_ratio={ratio}")
 
+    sampling = bench_host_sampling(args.sampling_steps, args.seed)
+
     print(f"model {config.model_id} ({engine.backend.description}), batch {BATCH}, "
           f"trace: {args.requests} requests at {args.rate}/s, prompts 16-256, outputs 32-256 tokens")
     print(f"{'run':42} {'tok/s':>9} {'p50 TTFT ms':>12} {'p99 TTFT ms':>12}")
@@ -179,6 +231,9 @@ def main() -> None:
         print(f"{'trace, insertion=' + name:42} {r.tok_s:9.1f} {r.p50_ttft_ms:12.1f} {r.p99_ttft_ms:12.1f}")
     for ratio, r in knob.items():
         print(f"{'trace, insert, waiting_served_ratio=' + str(ratio):42} {r.tok_s:9.1f} {r.p50_ttft_ms:12.1f} {r.p99_ttft_ms:12.1f}")
+    print(f"host sampling, batch {BATCH}, vocabulary {SAMPLING_VOCAB}: ms a step, ours and transformers' warpers")
+    for name, (ours, theirs) in sampling.items():
+        print(f"  {name:40} {ours:8.2f} {theirs:8.2f}   {theirs / ours:5.1f}x")
     summary = {
         "raw_tok_s": round(raw, 1),
         "engine_tok_s": round(steady, 1),
@@ -190,6 +245,8 @@ def main() -> None:
         "p99_ttft_ms_rebuild": round(results["rebuild"].p99_ttft_ms, 1),
         "waiting_served_ratio": {str(k): {"tok_s": round(v.tok_s, 1), "p50_ttft_ms": round(v.p50_ttft_ms, 1),
                                           "p99_ttft_ms": round(v.p99_ttft_ms, 1)} for k, v in knob.items()},
+        "host_sampling_ms": {k: {"ours": round(o, 2), "transformers": round(t, 2), "transformers_over_ours": round(t / o, 1)}
+                             for k, (o, t) in sampling.items()},
     }
     print(json.dumps(summary))
 

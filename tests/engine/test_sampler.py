@@ -6,9 +6,15 @@ import math
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
-from neuron_serve.request import SamplingParams
+from neuron_serve.request import SamplingParams, TokenEvent
 from neuron_serve.sampler import RequestSampler, choose
 
 from .helpers import make_engine, request, run, token_ids
@@ -66,7 +72,9 @@ def test_repetition_penalty_matches_transformers(engine, reference, prompt):
 ])
 def test_every_warper_and_penalty_runs_in_a_mixed_batch(engine, prompt, params):
     events = run(engine, {0: [request("w", prompt, 12, **sampled(seed=5, **params)), request("g", prompt, 12)]})
-    assert len(events["w"]) == 12 and all(math.isfinite(e.token.logprob) for e in events["w"])
+    w = events["w"]
+    assert isinstance(w[-1], TokenEvent) and w[-1].finish is not None  # to its length or an EOS, not an error
+    assert all(math.isfinite(e.token.logprob) for e in w)
 
 
 def test_warpers_restrict_the_choice():
@@ -76,6 +84,42 @@ def test_warpers_restrict_the_choice():
         assert choose(logits, [top2], [[0]])[0].token_id in (0, 1)
         nucleus = RequestSampler(SamplingParams(do_sample=True, top_p=0.5, seed=seed))
         assert choose(logits, [nucleus], [[0]])[0].token_id == 0
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.05], ids=["peaked", "flat"])  # flat: top-p widens its look to the whole vocabulary
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.7), dict(top_k=40), dict(top_p=0.9), dict(top_p=0.3, temperature=1.7),
+    dict(top_k=500, top_p=0.95), dict(typical_p=0.8), dict(top_p=0.9, typical_p=0.9, temperature=0.8),
+])
+def test_warped_distribution_is_transformers_warpers_distribution(params, scale):
+    """What the sampler draws from (its top tokens over the whole vocabulary) is what transformers'
+    warpers leave, token for token, though top-p sorts no more than it needs to."""
+    vocab = 5000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(7)) * scale
+    sampler = RequestSampler(SamplingParams(do_sample=True, top_n_tokens=vocab, seed=0, **params))
+    choice = choose(logits, [sampler], [[0]])[0]
+    p = SamplingParams(do_sample=True, **params)
+    warpers = [TemperatureLogitsWarper(p.temperature)] if p.temperature != 1.0 else []
+    warpers += [TopKLogitsWarper(p.top_k)] if p.top_k else []
+    warpers += [TopPLogitsWarper(p.top_p)] if p.top_p < 1.0 else []
+    warpers += [TypicalLogitsWarper(p.typical_p)] if p.typical_p < 1.0 else []
+    expected = torch.log_softmax(LogitsProcessorList(warpers)(torch.tensor([[0]]), logits.clone()), dim=-1)[0]
+    kept = torch.isfinite(expected).nonzero()[:, 0]
+    assert sorted(choice.top_ids) == kept.tolist() and choice.token_id in choice.top_ids
+    ours = dict(zip(choice.top_ids, choice.top_logprobs))
+    assert [ours[t] for t in kept.tolist()] == pytest.approx(expected[kept].tolist(), abs=1e-5)
+    assert choice.logprob == ours[choice.token_id]
+
+
+def test_draws_follow_the_distribution():
+    """Over 4000 seeds, each token's share of the draws is its probability (its standard error is under 0.008)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0]])
+    probs = torch.softmax(logits[0], dim=-1).tolist()
+    draws = [choose(logits, [RequestSampler(SamplingParams(do_sample=True, seed=seed))], [[0]])[0].token_id
+             for seed in range(4000)]
+    shares = [draws.count(t) / len(draws) for t in range(6)]
+    assert shares == pytest.approx(probs, abs=0.03)
+    assert shares[5] == 0.0  # 1e-14: never
 
 
 def test_top_tokens_leave_out_what_a_warper_ruled_out():
@@ -114,7 +158,7 @@ def test_a_request_whose_sampling_fails_fails_alone(engine, prompt, monkeypatch)
     def init(self, params):
         real_init(self, params)
         if params.seed == 13:
-            self.processors = LogitsProcessorList([broken])
+            self.penalties = LogitsProcessorList([broken])
 
     monkeypatch.setattr(RequestSampler, "__init__", init)
     events = run(engine, {0: [request("ok", prompt, 6), request("bad", prompt, 6, **sampled(seed=13))]})
