@@ -28,6 +28,7 @@ from . import PrefillOutput
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose logprobs are computed at once
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -214,11 +215,15 @@ class TorchBackend:
         logits = self._logits(last)
         if not prompt_logprobs:
             return PrefillOutput(logits=logits)
-        all_logprobs = torch.log_softmax(self._logits(x), dim=-1)
         per_row = []
         for i, n in enumerate(lengths):
-            chosen = all_logprobs[i, : n - 1].gather(-1, padded[i, 1:n, None])[:, 0]
-            per_row.append(torch.cat([torch.tensor([float("nan")], device=self.device), chosen]).cpu())
+            chosen = [torch.tensor([float("nan")], device=self.device)]  # the first token has no logprob
+            # A few hundred positions at a time: a 4k prompt's logprobs over a 128k vocabulary are 2 GB at once.
+            for start in range(0, n - 1, PROMPT_LOGPROBS_CHUNK):
+                end = min(start + PROMPT_LOGPROBS_CHUNK, n - 1)
+                logprobs = torch.log_softmax(self._logits(x[i, start:end]), dim=-1)
+                chosen.append(logprobs.gather(-1, padded[i, start + 1 : end + 1, None])[:, 0])
+            per_row.append(torch.cat(chosen).cpu())
         return PrefillOutput(logits=logits, prompt_logprobs=per_row)
 
     @torch.inference_mode()

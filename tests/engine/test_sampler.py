@@ -14,6 +14,7 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
+from neuron_serve.backends import torch_llama
 from neuron_serve.request import SamplingParams, TokenEvent
 from neuron_serve.sampler import RequestSampler, choose
 
@@ -166,7 +167,9 @@ def test_a_request_whose_sampling_fails_fails_alone(engine, prompt, monkeypatch)
     assert engine.consecutive_failures == 0
 
 
-def test_logprobs_of_generated_and_prompt_tokens_match_the_model(engine, hf_model, prompt):
+@pytest.mark.parametrize("chunk", [256, 2], ids=["whole", "in-chunks"])
+def test_logprobs_of_generated_and_prompt_tokens_match_the_model(engine, hf_model, prompt, chunk, monkeypatch):
+    monkeypatch.setattr(torch_llama, "PROMPT_LOGPROBS_CHUNK", chunk)  # a prompt's logprobs a few positions at a time
     events = run(engine, {0: [request("l", prompt, 8, prompt_logprobs=True, top_n_tokens=3)]})["l"]
     generated = token_ids(events)
     ids = torch.tensor([list(prompt) + generated])
