@@ -115,15 +115,19 @@ def zipf_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.stack([ranked[torch.randperm(vocab, generator=generator)] for _ in range(rows)])
 
 
-def transformers_choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """What `generate()` does for each row: transformers' warpers, then torch.multinomial."""
+def transformers_warpers(p: SamplingParams) -> LogitsProcessorList:
+    warpers = [TemperatureLogitsWarper(p.temperature)] if p.temperature != 1.0 else []
+    warpers += [TopKLogitsWarper(p.top_k)] if p.top_k else []
+    warpers += [TopPLogitsWarper(p.top_p)] if p.top_p < 1.0 else []
+    return LogitsProcessorList(warpers)
+
+
+def transformers_choose(logits: torch.Tensor, warpers: LogitsProcessorList, generators: list[torch.Generator]) -> list[int]:
+    """What `generate()` does at each step: transformers' warpers, then torch.multinomial, row by row."""
     chosen = []
-    for i, p in enumerate(params):
-        warpers = [TemperatureLogitsWarper(p.temperature)] if p.temperature != 1.0 else []
-        warpers += [TopKLogitsWarper(p.top_k)] if p.top_k else []
-        warpers += [TopPLogitsWarper(p.top_p)] if p.top_p < 1.0 else []
-        scores = LogitsProcessorList(warpers)(None, logits[i : i + 1].clone())
-        chosen.append(int(torch.multinomial(torch.softmax(scores, dim=-1)[0], 1, generator=generators[i])))
+    for i, generator in enumerate(generators):
+        scores = warpers(None, logits[i : i + 1].clone())
+        chosen.append(int(torch.multinomial(torch.softmax(scores, dim=-1)[0], 1, generator=generator)))
     return chosen
 
 
@@ -134,13 +138,14 @@ def bench_host_sampling(steps: int, seed: int) -> dict[str, tuple[float, float]]
     timings = {}
     for name, params in SAMPLING_CASES.items():
         samplers = [RequestSampler(params) for _ in range(BATCH)]
+        warpers = transformers_warpers(params)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(BATCH)]
         ours = theirs = 0.0
         for _ in range(steps):  # in turns: the machine's speed drifts
             start = time.perf_counter()
             choose(logits, samplers, history)
             middle = time.perf_counter()
-            transformers_choose(logits, [params] * BATCH, generators)
+            transformers_choose(logits, warpers, generators)
             ours, theirs = ours + middle - start, theirs + time.perf_counter() - middle
         timings[name] = (ours / steps * 1000, theirs / steps * 1000)
     return timings
