@@ -54,7 +54,7 @@ class NeuronBatcher:
         engine = await asyncio.wait_for(asyncio.to_thread(build_engine, config), timeout=config.startup_timeout_s)
         self.metrics = BatcherMetrics(engine.limits, self.cores or "none")
         self.engine = AsyncEngine(engine, on_step=self._on_step, stream_interval=config.stream_interval,
-                                  step_timeout_s=config.step_timeout_s)
+                                  step_timeout_s=config.step_timeout_s, between_steps=self.metrics.flush)
         self.engine.start()
         self.outbox = Outbox()
         self.last_token_at = 0.0

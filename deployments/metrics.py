@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.request
-from collections import defaultdict
+from collections import defaultdict, deque
+from typing import Any, Callable
 
 from neuron_serve.config import Limits
 from neuron_serve.engine import StepStats
@@ -125,7 +126,15 @@ class IngressMetrics:
 
 
 class BatcherMetrics:
-    """Batch-level metrics, recorded by each NeuronBatcher replica after every engine step."""
+    """Batch-level metrics, recorded by each NeuronBatcher replica after every engine step.
+
+    Each call into Ray's metrics lets go of the GIL and takes it back. Made on the batcher's event loop,
+    beside the engine's step thread, which needs the GIL between its tensor operations, each such call
+    handed the GIL to the step thread and waited to get it back: at 8 streams, about 22 calls a step
+    more than doubled the step thread's context switches. So `record`, `gauges` and `delivered` only
+    queue their calls, and `flush` makes them: the step thread calls it between steps
+    (`AsyncEngine(between_steps=)`), while the event loop has nothing to do. Measured: 981–986 tok/s
+    against 866–972 (docs/performance.md, "The model and Ray Serve on two cores")."""
 
     def __init__(self, limits: Limits, cores: str):
         from ray.serve import metrics
@@ -167,21 +176,40 @@ class BatcherMetrics:
                        self.next_size, self.inference_duration, self.forward_duration, self.decode_duration,
                        self.filter_duration, self.concat_duration, self.time_to_first_token, self.inter_token_latency):
             metric.set_default_tags({"cores": cores})
+        self._queued: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()  # thread-safe appends and pops
+
+    def flush(self) -> None:
+        """Makes the queued calls; on the engine's step thread, between steps."""
+        while self._queued:
+            method, args = self._queued.popleft()
+            try:
+                method(*args)
+            except Exception:  # a metric is never worth a request
+                logger.exception("recording a metric failed")
 
     def gauges(self, active: int, waiting: int) -> None:
         """The batch's state. Ray exports a gauge only if it was set since its last export (every 10 s),
         so the batcher sets them after each step and, while idle, every few seconds."""
+        self._queued.append((self._set_gauges, (active, waiting)))
+
+    def record(self, step: StepStats) -> None:
+        self._queued.append((self._record, (step,)))
+
+    def delivered(self, seconds: float, tokens: int, first: bool) -> None:
+        self._queued.append((self._delivered, (seconds, tokens, first)))
+
+    def _set_gauges(self, active: int, waiting: int) -> None:
         self.max_total_tokens.set(self.limits.max_batch_size * self.limits.max_total_tokens)
         self.current_size.set(active)
         self.current_max_tokens.set(active * self.limits.max_total_tokens)
         self.queue_size.set(waiting)
 
-    def record(self, step: StepStats) -> None:
+    def _record(self, step: StepStats) -> None:
         """One engine step. As TGI, the batch's size and reason are counted when it forms, and a failed
         forward records no duration."""
         tags = {"method": step.kind}
         self.inference_count.inc(tags=tags)
-        self.gauges(step.active, step.waiting)
+        self._set_gauges(step.active, step.waiting)
         if step.inserted:
             self.next_size.observe(step.inserted)
         if step.concat is not None:
@@ -198,7 +226,7 @@ class BatcherMetrics:
         if step.concat is not None:
             self.concat_duration.observe(step.total_s, tags={"method": "decode"})
 
-    def delivered(self, seconds: float, tokens: int, first: bool) -> None:
+    def _delivered(self, seconds: float, tokens: int, first: bool) -> None:
         """One hand-over of `tokens` token events to a request, `seconds` after it arrived (the first) or after
         its previous hand-over. A hand-over of several tokens is one gap shared evenly among them, so the
         inter-token count is the number of tokens after the first hand-over and nothing records a zero gap;

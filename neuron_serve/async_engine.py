@@ -58,11 +58,15 @@ class Stream:
 
 class AsyncEngine:
     def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None, stream_interval: int = 1,
-                 step_timeout_s: float = float("inf")):
+                 step_timeout_s: float = float("inf"), between_steps: Callable[[], None] | None = None):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine = engine
         self.on_step = on_step  # called on the event loop after each step's deliveries (for metrics)
+        # Called on the step thread after each step, before its events go to the event loop, and at least
+        # every IDLE_WAIT_S while idle: work that should not take the GIL from the step thread while it
+        # computes (the event loop is idle then). It must not raise.
+        self.between_steps = between_steps
         self.stream_interval = stream_interval
         self.step_timeout_s = step_timeout_s
         self._step_started_at: float | None = None  # while a step runs
@@ -137,6 +141,8 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopping.is_set():
             if not self.engine.has_work:
+                if self.between_steps is not None:
+                    self.between_steps()
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
@@ -149,6 +155,8 @@ class AsyncEngine:
                 events = self.engine.fail_all(e)
             finally:
                 self._step_started_at = None
+            if self.between_steps is not None:
+                self.between_steps()
             if events or self.engine.last_step:
                 self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
+from neuron_serve import async_engine as async_engine_module
 from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.request import TokenEvent
 
@@ -144,6 +146,29 @@ def test_a_steps_tokens_go_out_before_its_metrics_are_recorded(tiny_model_dir, t
         engine.stop()
     assert last.finish is not None
     assert order == ["flush", "metrics"] * 6
+
+
+def test_between_steps_runs_on_the_step_thread_after_every_step_and_while_idle(tiny_model_dir, tokenizer, monkeypatch):
+    """Where the batcher makes its Ray metric calls (`BatcherMetrics.flush`), away from the event loop."""
+    monkeypatch.setattr(async_engine_module, "IDLE_WAIT_S", 0.05)
+    calls = []
+    engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2),
+                         between_steps=lambda: calls.append(threading.current_thread()))
+
+    async def main():
+        engine.start()
+        await asyncio.wait_for(engine.open(request("r", tokenizer("Hello").input_ids, 6), lambda events: None), 60)
+        after_the_steps = len(calls)
+        await asyncio.sleep(0.3)
+        return after_the_steps
+
+    try:
+        after_the_steps = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert after_the_steps >= 6  # a prefill and 5 decode steps
+    assert len(calls) > after_the_steps  # idle, it still runs
+    assert {thread.name for thread in calls} == {"engine-step-loop"}
 
 
 def test_a_step_past_step_timeout_makes_the_engine_unhealthy_until_it_ends(tiny_model_dir, tokenizer, reference):
