@@ -65,7 +65,7 @@ class AsyncEngine:
         self.on_step = on_step  # called on the event loop after each step's deliveries (for metrics)
         # Called on the step thread after each step, before its events go to the event loop, and at least
         # every IDLE_WAIT_S while idle: work that should not take the GIL from the step thread while it
-        # computes (the event loop is idle then). It must not raise.
+        # computes (the event loop is idle then).
         self.between_steps = between_steps
         self.stream_interval = stream_interval
         self.step_timeout_s = step_timeout_s
@@ -141,8 +141,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopping.is_set():
             if not self.engine.has_work:
-                if self.between_steps is not None:
-                    self.between_steps()
+                self._run_between_steps()
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
@@ -155,10 +154,16 @@ class AsyncEngine:
                 events = self.engine.fail_all(e)
             finally:
                 self._step_started_at = None
-            if self.between_steps is not None:
-                self.between_steps()
+            self._run_between_steps()
             if events or self.engine.last_step:
                 self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
+
+    def _run_between_steps(self) -> None:
+        if self.between_steps is not None:
+            try:
+                self.between_steps()
+            except Exception:  # its own failure; the steps go on
+                logger.exception("between_steps failed")
 
     def _dispatch(self, events: list[Event], stats: StepStats | None) -> None:
         started = time.perf_counter()

@@ -171,6 +171,20 @@ def test_between_steps_runs_on_the_step_thread_after_every_step_and_while_idle(t
     assert {thread.name for thread in calls} == {"engine-step-loop"}
 
 
+def test_a_failing_between_steps_is_logged_and_the_steps_go_on(tiny_model_dir, tokenizer, reference, caplog):
+    def broken():
+        raise RuntimeError("metrics are down")
+
+    engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), between_steps=broken)
+    prompt = tokenizer("Hello").input_ids
+    try:
+        events = asyncio.run(asyncio.wait_for(collect(engine, request("r", prompt, 6)), 60))
+    finally:
+        engine.stop()
+    assert [e.token.id for e in events] == reference(prompt, 6)
+    assert "between_steps failed" in caplog.text
+
+
 def test_a_step_past_step_timeout_makes_the_engine_unhealthy_until_it_ends(tiny_model_dir, tokenizer, reference):
     from neuron_serve.backends.faults import FaultInjectingBackend
 
