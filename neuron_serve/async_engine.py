@@ -157,6 +157,7 @@ class AsyncEngine:
             self._run_between_steps()
             if events or self.engine.last_step:
                 self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
+        self._run_between_steps()  # what was left for it
 
     def _run_between_steps(self) -> None:
         if self.between_steps is not None:

@@ -109,17 +109,21 @@ def _kept(scores: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor,
     vocab = scores.shape[-1]
     if 0 < top_k < vocab:
         values, ids = scores.topk(top_k)
-        total = values.logsumexp(-1)
+        tied = int((scores >= values[-1]).sum())  # transformers keeps every token tied with the k-th
+        if tied > top_k:
+            values, ids = scores.topk(tied)
+        total = values.double().logsumexp(-1)
     elif top_p < 1.0:
-        total = scores.logsumexp(-1)
+        total = scores.double().logsumexp(-1)
         for look in TOP_P_LOOKS:
             values, ids = scores.topk(look) if look < vocab else scores.sort(descending=True)
-            if look >= vocab or (values - total).exp().sum() >= top_p:
+            if look >= vocab or (values.double() - total).exp().sum() >= top_p:
                 break
     else:
         return scores, None
     if top_p < 1.0:
-        probs = (values - total).exp()
+        # In float64: summed from the likeliest down, float32 loses the tail a `top_p` near 1 cuts.
+        probs = (values.double() - total).exp()
         before = torch.cat([probs.new_zeros(1), probs.cumsum(-1)[:-1]])  # the mass of the likelier tokens
         kept = int((before < top_p).sum())  # at least the first: top_p > 0
         values, ids = values[:kept], ids[:kept]

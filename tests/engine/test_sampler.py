@@ -112,6 +112,24 @@ def test_warped_distribution_is_transformers_warpers_distribution(params, scale)
     assert choice.logprob == ours[choice.token_id]
 
 
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0]])
+    sampler = RequestSampler(SamplingParams(do_sample=True, top_k=2, top_n_tokens=4, seed=0))
+    assert sorted(choose(logits, [sampler], [[0]])[0].top_ids) == [0, 1, 2]
+
+
+def test_top_p_near_one_keeps_the_tail_transformers_keeps():
+    """TGI's `top_p` is a float32, so 0.99999994 is valid; the mass it cuts is below float32's precision
+    near 1, where summing from the likeliest token down loses it."""
+    vocab = 128_256
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 6
+    top_p = 0.99999994
+    sampler = RequestSampler(SamplingParams(do_sample=True, top_p=top_p, top_n_tokens=vocab, seed=0))
+    kept = choose(logits, [sampler], [[0]])[0].top_ids
+    expected = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))[0].nonzero()[:, 0].tolist()
+    assert sorted(kept) == expected and len(expected) < vocab
+
+
 def test_draws_follow_the_distribution():
     """Over 4000 seeds, each token's share of the draws is its probability (its standard error is under 0.008)."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0]])
