@@ -49,7 +49,7 @@ from neuron_serve.async_engine import AsyncEngine
 from neuron_serve.config import DEFAULT_BATCH_SIZE, Config, load_config
 from neuron_serve.loading import build_engine
 from neuron_serve.model_files import load_tokenizer, resolve_model_dir
-from neuron_serve.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
+from neuron_serve.request import ErrorEvent, FinishReason, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 from neuron_serve.tiny_model import corpus_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,11 @@ class TGIStream:
 @dataclass
 class OpenAIChatStream:
     """OpenAI's `/v1/chat/completions` stream, greedy. `reference`: prompt -> each token's text, from
-    the engine; a stream whose text matches it is counted exactly, any other by re-tokenizing."""
+    the engine; a stream whose text matches it is counted exactly, any other by re-tokenizing.
+    `eos_after`: prompt -> the tokens the engine generated before the end-of-sequence token it stopped at.
+    `transformers serve --continuous_batching` stops at the tokenizer's one EOS id, where the engine stops at
+    each of the model's, and streams the others' text: such a prompt is asked for no more tokens than the
+    engine generated, so that both do the same work."""
 
     name: str
     url: str
@@ -218,6 +222,7 @@ class OpenAIChatStream:
     model: str
     tokenizer: object
     reference: dict[str, list[str]] = field(default_factory=dict)
+    eos_after: dict[str, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)  # prompts answered
     matched: set[str] = field(default_factory=set)  # prompts answered with the reference's text exactly
 
@@ -233,11 +238,14 @@ class OpenAIChatStream:
             spanned = n if piece else spanned
         return spanned, True
 
+    def body(self, job: Job) -> dict:
+        max_tokens = max(1, min(job.max_new_tokens, self.eos_after.get(job.prompt, job.max_new_tokens)))
+        return {"model": self.model, "messages": [{"role": "user", "content": job.prompt}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
     async def stream(self, job: Job) -> AsyncIterator[int]:
-        body = {"model": self.model, "messages": [{"role": "user", "content": job.prompt}],
-                "max_tokens": job.max_new_tokens, "temperature": 0, "stream": True}
         text, counted, aligned = "", 0, False
-        async for events in sse_reads(self.client, f"{self.url}/v1/chat/completions", body):
+        async for events in sse_reads(self.client, f"{self.url}/v1/chat/completions", self.body(job)):
             before, finished = len(text), False
             for event in events:
                 if "error" in event:
@@ -264,13 +272,17 @@ class EngineStream:
     name: str
     engine: AsyncEngine
     outputs: dict[str, list[str]] = field(default_factory=dict)  # prompt -> each generated token's text
+    eos_after: dict[str, int] = field(default_factory=dict)  # prompt -> tokens before the EOS that ended it
 
     async def stream(self, job: Job) -> AsyncIterator[int]:
         request = GenerationRequest(uuid.uuid4().hex, job.prompt_ids, SamplingParams(), StoppingParams(job.max_new_tokens))
         texts = self.outputs[job.prompt] = []
         async for events in self.engine.generate(request):
-            if isinstance(events[-1], ErrorEvent):
-                raise TargetError(f"{events[-1].error_type}: {events[-1].message}")
+            last = events[-1]
+            if isinstance(last, ErrorEvent):
+                raise TargetError(f"{last.error_type}: {last.message}")
+            if last.finish is not None and last.finish.reason == FinishReason.EOS_TOKEN:
+                self.eos_after[job.prompt] = last.finish.generated_tokens - 1
             tokens = [e.token for e in events if isinstance(e, TokenEvent) and not e.token.special]
             texts += [t.text for t in tokens]
             yield len(tokens)
@@ -615,7 +627,7 @@ def pooled(runs: list[Run]) -> Run:
                sum(run.seconds for run in runs))
 
 
-def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, sweep, out: Path,
+def transformers_serve(model: str, tokenizer, engine: EngineStream, probe_job: Job, sweep, out: Path,
                        threads: int | None) -> tuple[list[Run], str, OpenAIChatStream]:
     """`transformers serve` on the same model: with --continuous_batching where it streams tokens, else its default.
 
@@ -629,7 +641,7 @@ def transformers_serve(model: str, tokenizer, reference: dict, probe_job: Job, s
         url, log = f"http://127.0.0.1:{port}", out / f"transformers_serve{'_cb' if continuous else ''}.log"
         cmd = [str(BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning"]
         open_peer = lambda: http_target(OpenAIChatStream, "transformers serve", url, model=model,  # noqa: E731
-                                        tokenizer=tokenizer, reference=reference)
+                                        tokenizer=tokenizer, reference=engine.outputs, eos_after=engine.eos_after)
         env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         with server(cmd + ["--continuous_batching"] * continuous, url, log, env=env):
             probe = measure(open_peer, [probe_job], [1])[0].records[0] if continuous else None
@@ -676,7 +688,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
                 waiting = measure(lambda: http_target(TGIStream, "no-op app + wait (HTTP)", f"{url}/waiting"),
                                   jobs, [1] * args.rounds, per_stream=args.per_stream)
         model = str(pass_through_model(model_dir, Path(tmp)))
-        peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0].outputs, jobs[0], sweep, args.out,
+        peer_runs, mode, peer = transformers_serve(model, tokenizer, engine[0], jobs[0], sweep, args.out,
                                                    threads=config.torch_threads)
     runs = ([pooled([p.engine for p in turns.pairs[c]]) for c in levels]
             + [pooled([p.serve for p in turns.pairs[c]]) for c in levels]
@@ -747,6 +759,22 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     return summary, runs
 
 
+def fleet_scaling(single: dict, fleets: dict[int, dict], replicas: int, streams: int):
+    """Each fleet's throughput over `replicas` times the single replica's (by ingress replicas), the streams each
+    lost, the best fleet, and why there is no `fleet_over_linear` (None when there is). Only a run that lost no
+    stream counts: a failed request's time counts and its tokens do not, so errors in the single replica's run
+    would flatter every fleet, and a fleet that lost streams has not served the load."""
+    over_linear = {i: ratio(s["tok_s"], replicas * single["tok_s"]) for i, s in fleets.items()}
+    lost = {i: streams - (s["requests"] - s["errors"]) for i, s in fleets.items()}
+    complete = [i for i in fleets if lost[i] == 0]
+    best = max(complete or fleets, key=lambda i: over_linear[i] or 0)
+    if single["errors"]:
+        return over_linear, lost, best, f"the single replica's run had {single['errors']} errors"
+    if not complete:
+        return over_linear, lost, best, "every fleet lost streams"
+    return over_linear, lost, best, None
+
+
 def simulate(args) -> tuple[dict, list[Run]]:
     from neuron_serve.instances import lookup
 
@@ -795,9 +823,8 @@ def simulate(args) -> tuple[dict, list[Run]]:
 
     single = runs[0].summary()["tok_s"]
     fleets = {ingress: run.summary() for ingress, run in zip(args.ingress_replicas, runs[1:])}
-    over_linear = {i: ratio(s["tok_s"], replicas * single) for i, s in fleets.items()}
-    lost = {i: args.streams - (s["requests"] - s["errors"]) for i, s in fleets.items()}
-    best = max(over_linear, key=lambda i: over_linear[i] or 0)
+    over_linear, lost, best, why_not = fleet_scaling(runs[0].summary(), fleets, replicas, args.streams)
+    fleet_over_linear = None if why_not else over_linear[best]
     # A Serve process is one Python interpreter: about one core. Its CPU per token gives the rate that fills it.
     ms = cpu[best]
     serving = sum(v for k, v in ms.items() if k != "load generator")
@@ -818,11 +845,11 @@ def simulate(args) -> tuple[dict, list[Run]]:
         print(f"  {i} ingress replica(s): {s['requests'] - s['errors']}/{args.streams} streams completed, {lost[i]} lost; "
               f"{s['tok_s']} tok/s = {over_linear[i]} x linear ({replicas} x {single}); "
               f"CPU ms per token: {', '.join(f'{k} {v}' for k, v in cpu[i].items())}")
-    print("  " + verdict("fleet_over_linear", over_linear[best]))
+    print("  " + verdict("fleet_over_linear", fleet_over_linear) + (f" ({why_not})" if why_not else ""))
     print(f"  saturation: {where}")
     summary = {"mode": "simulate", "instance": args.simulate, "replicas": replicas, "streams": args.streams,
                "stream_interval": base["stream_interval"],
-               "simulated_params": args.params, "single_replica_tok_s": single, "fleet_over_linear": over_linear[best],
+               "simulated_params": args.params, "single_replica_tok_s": single, "fleet_over_linear": fleet_over_linear,
                "by_ingress_replicas": {str(i): {"tok_s": fleets[i]["tok_s"], "fleet_over_linear": over_linear[i],
                                                 "lost": lost[i], "cpu_ms_per_token": cpu[i]} for i in fleets},
                "saturation_tok_s": ceilings, "saturation": where}

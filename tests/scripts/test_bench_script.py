@@ -180,7 +180,7 @@ def test_transformers_serve_computes_with_as_many_threads_as_a_batcher(bench, mo
         return ["its runs"]
 
     job = bench.Job("p", (0,), 3, arrival=0.0)
-    runs, mode, _ = bench.transformers_serve("model", None, {}, job, sweep, tmp_path,
+    runs, mode, _ = bench.transformers_serve("model", None, bench.EngineStream("engine", None), job, sweep, tmp_path,
                                              threads=bench.Config(backend="torch", replica_cpus=3).torch_threads)
     [(cmd, env)] = started
     assert env == {"OMP_NUM_THREADS": "3"} and cmd[1:2] == ["serve"] and "--continuous_batching" in cmd
@@ -233,6 +233,44 @@ def test_openai_text_is_counted_against_the_reference_tokens(bench):
     assert stream.count(job, " Hello,") == (2, True)
     assert stream.count(job, " Hello, world") == (4, True)  # a token with no text counts with the next one
     assert stream.count(job, " Goodbye") == (8, False)  # not the reference's text: re-tokenized
+
+
+def test_the_peer_is_asked_for_no_more_tokens_than_the_engine_made_before_its_eos(bench):
+    """`transformers serve` stops at one EOS id only: a prompt the engine ended at another gets its length."""
+    stopped, long = bench.Job("stopped", (0,), 100, 0.0), bench.Job("long", (0,), 100, 0.0)
+    stream = bench.OpenAIChatStream("t", "", None, "m", None, eos_after={"stopped": 9, "long": 400})
+    assert stream.body(stopped)["max_tokens"] == 9
+    assert stream.body(long)["max_tokens"] == 100
+    assert stream.body(bench.Job("new", (0,), 100, 0.0))["max_tokens"] == 100
+
+
+def test_the_engine_target_notes_where_the_eos_ended_a_prompt(bench):
+    config = bench.Config(backend="torch")
+    tokenizer = bench.load_tokenizer(bench.resolve_model_dir(config))
+    # `make bench`'s workload: its 31st prompt ends at an EOS the peer does not stop at (<|end_of_text|>)
+    job = bench.make_workload(tokenizer, 32, 0, (16, 256), (32, 128))[30]
+
+    async def run():
+        async with bench.engine_target(config) as engine:
+            async for _ in engine.stream(job):
+                pass
+            return engine
+
+    engine = asyncio.run(run())
+    assert engine.eos_after == {job.prompt: len(engine.outputs[job.prompt])}
+    assert engine.eos_after[job.prompt] < job.max_new_tokens
+
+
+def test_fleet_over_linear_counts_only_runs_that_lost_no_stream(bench):
+    def run(tok_s, requests, errors=0):
+        return {"tok_s": tok_s, "requests": requests, "errors": errors}
+
+    single, fleets = run(100.0, 10), {1: run(1000.0, 1000, errors=3), 2: run(960.0, 1000), 3: run(900.0, 1000)}
+    over_linear, lost, best, why_not = bench.fleet_scaling(single, fleets, 12, 1000)
+    assert over_linear == {1: 0.833, 2: 0.8, 3: 0.75} and lost == {1: 3, 2: 0, 3: 0}
+    assert (best, why_not) == (2, None)  # the fastest fleet lost 3 streams
+    assert bench.fleet_scaling(single, {1: fleets[1]}, 12, 1000)[3] == "every fleet lost streams"
+    assert bench.fleet_scaling(run(100.0, 10, errors=1), fleets, 12, 1000)[3] == "the single replica's run had 1 errors"
 
 
 def test_bench_on_the_engine_ends_with_the_json_summary(tmp_path):
