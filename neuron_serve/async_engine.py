@@ -8,8 +8,9 @@ a request's tokens after its first are handed over N at a time (its first token 
 go at once): on a busy host fewer hand-overs buy throughput, at the price of tokens arriving in
 bursts. A caller that stops iterating (client disconnect, task cancellation) cancels its request in
 the engine, which frees its row at the next step. A bug in a step fails the requests in flight and
-the loop keeps going. A step that runs past `step_timeout_s` (a stalled Neuron runtime) makes the
-engine unhealthy; Ray Serve's health check then replaces the replica.
+the loop keeps going. A step, or the work between steps, that runs past `step_timeout_s` (a stalled
+Neuron runtime, a hung metrics call) makes the engine unhealthy; Ray Serve's health check then replaces
+the replica.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class AsyncEngine:
         self.between_steps = between_steps
         self.stream_interval = stream_interval
         self.step_timeout_s = step_timeout_s
-        self._step_started_at: float | None = None  # while a step runs
+        self._busy_since: float | None = None  # while a step, or `between_steps`, runs
         self._streams: dict[str, Stream] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -94,16 +95,17 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        """The step loop runs, no step has run past `step_timeout_s`, and the backend has not failed its
-        last few forwards in a row."""
+        """The step loop runs, no step (nor `between_steps`) has run past `step_timeout_s`, and the backend
+        has not failed its last few forwards in a row."""
         alive = self._thread is not None and self._thread.is_alive()
-        started = self._step_started_at
+        started = self._busy_since
         stalled = started is not None and time.monotonic() - started > self.step_timeout_s
         return alive and not stalled and self.engine.consecutive_failures < BROKEN_AFTER_FAILURES
 
     def open(self, request: GenerationRequest, deliver: Deliver) -> asyncio.Future[Event]:
         """Submits `request`; `deliver` gets its events on the event loop. The future resolves with its
-        last event; `cancel(request.id)` stops it before that."""
+        last event; `cancel(request.id)` stops it before that. Ids are never reused: events are matched to
+        their request by id, and a step that ran before a cancel may still hand over the old request's."""
         if self._thread is None:
             self.start()
         if request.id in self._streams:
@@ -146,14 +148,14 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             self.engine.last_step = None
-            self._step_started_at = time.monotonic()
+            self._busy_since = time.monotonic()
             try:
                 events = self.engine.step()
-            except Exception as e:  # a bug outside the forward: fail what is in flight, keep serving
+            except Exception as e:  # a bug before the step's plan: fail what is in flight, keep serving
                 logger.exception("engine step crashed")
                 events = self.engine.fail_all(e)
             finally:
-                self._step_started_at = None
+                self._busy_since = None
             self._run_between_steps()
             if events or self.engine.last_step:
                 self._loop.call_soon_threadsafe(self._dispatch, events, self.engine.last_step)
@@ -161,10 +163,13 @@ class AsyncEngine:
 
     def _run_between_steps(self) -> None:
         if self.between_steps is not None:
+            self._busy_since = time.monotonic()
             try:
                 self.between_steps()
             except Exception:  # its own failure; the steps go on
                 logger.exception("between_steps failed")
+            finally:
+                self._busy_since = None
 
     def _dispatch(self, events: list[Event], stats: StepStats | None) -> None:
         started = time.perf_counter()

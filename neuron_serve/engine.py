@@ -6,7 +6,8 @@ rows of finished requests. Only `_advance` changes a request's state.
 
 `submit` and `cancel` may be called from any thread; everything else runs on the thread that calls
 `step`. A failing forward fails only the requests that were in it, and frees their rows; a request
-whose own sampling fails fails alone.
+whose own sampler cannot be built, or whose own sampling fails, fails alone. Any other fault in a step
+fails every request the engine holds, and the next step starts clean.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AbstractSet, Literal
+from typing import AbstractSet, Literal, Sequence
 
 from .backends import Backend
 from .batch import Slot, StaticBatch
 from .config import Limits
 from .detokenizer import IncrementalDetokenizer, generated_text
 from .errors import ConfigError
-from .request import ErrorEvent, Event, Finish, GenerationRequest, Token, TokenEvent
+from .request import ErrorEvent, Event, Finish, GenerationRequest, Token, TokenEvent, is_last
 from .sampler import Choice, RequestSampler, choose
 from .scheduler import InsertionPolicy, PrefillPolicy, Scheduler, StepPlan, WaitingRequest
 from .stopping import StopCondition
@@ -104,8 +105,27 @@ class Engine:
         plan = self.scheduler.schedule(self.waiting, self.batch)
         if plan.is_empty:
             return events
+        try:
+            self._run(plan, events)
+        except Exception as e:  # a bug outside the forward: every request held here fails, and the engine serves on
+            logger.exception("engine step crashed")
+            ended = {event.request_id for event in events if is_last(event)}
+            admitted = [waiting.request.id for waiting, _ in plan.admit]
+            events += [event for event in self.fail_all(e, admitted) if event.request_id not in ended]
+        return events
+
+    def _run(self, plan: StepPlan, events: list[Event]) -> None:
+        """Runs `plan`, adding each request's event to `events`."""
         started = time.perf_counter()
-        new_slots = [self._new_slot(waiting, row) for waiting, row in plan.admit]
+        new_slots = []
+        for waiting, row in plan.admit:
+            try:
+                new_slots.append(self._new_slot(waiting, row))
+            except Exception as e:  # its own parameters: it fails alone, and its row stays free
+                logger.exception("request %s failed", waiting.request.id)
+                events.append(ErrorEvent(waiting.request.id, f"Request failed: {type(e).__name__}: {e}"))
+        if plan.is_prefill and not new_slots:
+            return  # no new request left to prefill (nor a reason to rebuild the others' rows)
         try:
             if plan.is_prefill:
                 slots = new_slots
@@ -123,8 +143,9 @@ class Engine:
             choices = choose(logits, [s.sampler for s in slots], [s.token_ids for s in slots])
         except Exception as e:  # the forward failed: fail exactly the requests that were in it
             logger.exception("step failed")
-            self._record(plan, started, time.perf_counter(), failed=True)
-            return events + [self._fail(slot, e) for slot in new_slots + plan.rebuild + plan.decode]
+            self._record(plan, len(new_slots), started, time.perf_counter(), failed=True)
+            events += [self._fail(slot, e) for slot in new_slots + plan.rebuild + plan.decode]
+            return
         for slot, choice, prompt in zip(slots, choices, prompt_tokens):
             try:
                 if isinstance(choice, Exception):  # its own sampling failed: the forward did not
@@ -133,15 +154,14 @@ class Engine:
             except Exception as e:
                 logger.exception("request %s failed", slot.id)
                 events.append(self._fail(slot, e))
-        self._record(plan, started, forwarded, failed=False)
-        return events
+        self._record(plan, len(new_slots), started, forwarded, failed=False)
 
-    def _record(self, plan: StepPlan, started: float, forwarded: float, failed: bool) -> None:
+    def _record(self, plan: StepPlan, inserted: int, started: float, forwarded: float, failed: bool) -> None:
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         self.last_step = StepStats(
             kind="prefill" if plan.is_prefill else "decode",
-            rows=len(plan.admit) + len(plan.rebuild) + len(plan.decode),
-            inserted=len(plan.admit),
+            rows=inserted + len(plan.rebuild) + len(plan.decode),
+            inserted=inserted,
             rebuilt=len(plan.rebuild),
             forward_s=forwarded - started,
             total_s=time.perf_counter() - started,
@@ -244,11 +264,14 @@ class Engine:
         self.batch.release(slot)
         return ErrorEvent(slot.id, f"Request failed during generation: {type(error).__name__}: {error}")
 
-    def fail_all(self, error: Exception) -> list[Event]:
-        """Fail every request, active or waiting (after a fault outside the forward pass)."""
+    def fail_all(self, error: Exception, admitted: Sequence[str] = ()) -> list[Event]:
+        """Fail every request, active or waiting, and those `admitted` from the queue into no row yet (after
+        a fault outside the forward pass)."""
         events: list[Event] = [self._fail(slot, error) for slot in self.batch.active()]
+        failed = {event.request_id for event in events}
         while self.waiting:
             events.append(ErrorEvent(self.waiting.popleft().request.id, f"Request failed: {error}"))
+        events += [ErrorEvent(i, f"Request failed: {error}") for i in admitted if i not in failed]
         return events
 
     def _token(self, token_id: int, logprob: float) -> Token:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -183,6 +184,37 @@ def test_a_failing_between_steps_is_logged_and_the_steps_go_on(tiny_model_dir, t
         engine.stop()
     assert [e.token.id for e in events] == reference(prompt, 6)
     assert "between_steps failed" in caplog.text
+
+
+def test_between_steps_past_step_timeout_makes_the_engine_unhealthy_until_it_returns(tiny_model_dir, tokenizer):
+    """It runs on the step thread: while it hangs, no step runs."""
+    hang = threading.Event()
+
+    def flush():
+        if hang.is_set():
+            hang.clear()
+            time.sleep(1.5)
+
+    async_engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), step_timeout_s=0.5,
+                               between_steps=flush)
+
+    async def main():
+        async_engine.start()
+        prompt = tokenizer("Hello").input_ids
+        await collect(async_engine, request("first", prompt, 2))
+        before = async_engine.healthy
+        hang.set()
+        async_engine._wake.set()
+        await asyncio.sleep(1.0)
+        during = async_engine.healthy
+        await asyncio.wait_for(collect(async_engine, request("after", prompt, 2)), 60)
+        return before, during, async_engine.healthy
+
+    try:
+        before, during, after = asyncio.run(main())
+    finally:
+        async_engine.stop()
+    assert before and not during and after
 
 
 def test_a_step_past_step_timeout_makes_the_engine_unhealthy_until_it_ends(tiny_model_dir, tokenizer, reference):

@@ -158,3 +158,46 @@ def test_failed_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_
         assert isinstance(events[rid][-1], ErrorEvent) and "device fault" in events[rid][-1].message
     assert token_ids(events["c"]) == reference(prompt_ids[2], 10)
     assert engine.batch.free_rows() == [0, 1]
+
+
+@pytest.mark.parametrize("insertion", ["insert", "rebuild"])
+def test_a_request_whose_sampler_cannot_be_built_fails_alone(tiny_model_dir, tokenizer, reference, prompt_ids, insertion):
+    """The engine is a library too: a request it is handed with parameters no sampler takes (`typical_p` of -1,
+    which HTTP validation refuses) fails at its prefill, and neither the requests prefilled with it nor the
+    running ones notice."""
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=4, insertion=insertion)
+    bad = request("bad", prompt_ids[1], 10, do_sample=True, typical_p=-1.0)
+    events = run(engine, {0: [request("running", prompt_ids[0], 10)], 2: [bad, request("beside", prompt_ids[2], 10)],
+                          5: [request("alone", prompt_ids[1], 5, do_sample=True, typical_p=-1.0)]})
+    assert [type(e).__name__ for e in events["bad"]] == ["ErrorEvent"] and "typical_p" in events["bad"][0].message
+    assert token_ids(events["running"]) == reference(prompt_ids[0], 10)
+    assert token_ids(events["beside"]) == reference(prompt_ids[2], 10)
+    assert [type(e).__name__ for e in events["alone"]] == ["ErrorEvent"]  # a prefill of no request runs nothing
+    assert engine.batch.free_rows() == [0, 1, 2, 3] and engine.consecutive_failures == 0
+
+
+def test_a_fault_outside_the_forward_fails_every_request_held_and_the_engine_serves_on(
+        tiny_model_dir, tokenizer, reference, prompt_ids, monkeypatch):
+    """A bug after the requests left the queue (here, recording the step) ends every request the engine
+    holds with an error, none left without its last event: the running ones, the ones admitted in that step,
+    those still queued, and the one refused in it keeps its own error. The next request is served."""
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=2)
+    real_record, steps = engine._record, []
+
+    def record(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:  # the prefill that admits "admitted"
+            raise RuntimeError("a bug")
+        real_record(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_record", record)
+    events = run(engine, {0: [request("running", prompt_ids[0], 10)],
+                          3: [request("admitted", prompt_ids[1], 10), request("queued", prompt_ids[2], 10),
+                              request("refused", (), 10)],
+                          6: [request("after", prompt_ids[2], 6)]})
+    for rid in ("running", "admitted", "queued"):
+        assert isinstance(events[rid][-1], ErrorEvent) and "a bug" in events[rid][-1].message, rid
+        assert sum(isinstance(e, ErrorEvent) for e in events[rid]) == 1
+    assert [e.message for e in events["refused"]] == ["`inputs` cannot be empty"]
+    assert token_ids(events["after"]) == reference(prompt_ids[2], 6)
+    assert engine.batch.free_rows() == [0, 1] and not engine.waiting
