@@ -7,11 +7,12 @@ prompt token has none) are written as JSON `null`, as serde does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from neuron_serve.errors import IncompleteGenerationError, ServeError
 from neuron_serve.request import ErrorEvent, Event, Finish, Token
@@ -58,19 +59,22 @@ def raise_for(event: ErrorEvent) -> None:
     raise ServeError(event.message, event.error_type)
 
 
-async def gather(handovers: AsyncIterator[list[Event]]) -> Generated:
+async def gather(handovers: AsyncGenerator[list[Event], None]) -> Generated:
+    """The whole generation; the event source is closed on the way out, so that what it holds for the
+    request (its inbox queue, its count in flight) goes at once, not when the generator is collected."""
     generated = Generated()
-    async for events in handovers:
-        for event in events:
-            if isinstance(event, ErrorEvent):
-                raise_for(event)
-            generated.tokens.append(event.token)
-            generated.top_tokens.append(event.top_tokens)
-            if event.prompt_tokens is not None:
-                generated.prompt_tokens = event.prompt_tokens
-            if event.finish is not None:
-                generated.finish = event.finish
-                return generated
+    async with contextlib.aclosing(handovers):
+        async for events in handovers:
+            for event in events:
+                if isinstance(event, ErrorEvent):
+                    raise_for(event)
+                generated.tokens.append(event.token)
+                generated.top_tokens.append(event.top_tokens)
+                if event.prompt_tokens is not None:
+                    generated.prompt_tokens = event.prompt_tokens
+                if event.finish is not None:
+                    generated.finish = event.finish
+                    return generated
     raise IncompleteGenerationError("Incomplete generation")
 
 

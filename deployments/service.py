@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, AsyncIterator, Protocol
 
 from neuron_serve.config import Config, Limits
 from neuron_serve.errors import (
@@ -32,9 +32,10 @@ logger = logging.getLogger("ray.serve")
 
 
 class EventSource(Protocol):
-    def stream(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[list[Event], None]:
         """The request's events in order, in the lists they were handed over in (each becomes one HTTP
-        chunk on the streaming routes), ending with a finished `TokenEvent` or an `ErrorEvent`."""
+        chunk on the streaming routes), ending with a finished `TokenEvent` or an `ErrorEvent`; closing
+        it early stops the request."""
         ...
 
 

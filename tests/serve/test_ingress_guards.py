@@ -1,4 +1,5 @@
-"""The ingress's guards, without Ray: its own disconnect watch, and long text kept off the event loop."""
+"""The ingress's guards, without Ray: its own disconnect watch, long text kept off the event loop, and a
+whole generation's event source closed as it returns."""
 
 from __future__ import annotations
 
@@ -78,3 +79,38 @@ def test_long_text_is_tokenized_off_the_event_loop_and_the_same(tokenizer):
         return [await _off_loop_if_long(text, threading.get_ident) != here for text in ("short", long_text)]
 
     assert asyncio.run(main()) == [False, True]
+
+
+def test_a_whole_generation_closes_its_event_source_as_it_returns():
+    """`BatcherSource.stream` gives back the request's inbox queue and its count in flight (`/health` reads
+    it) as it closes: at once, on the last event or an error, not once the generator is collected."""
+    from neuron_serve.errors import ServeError
+    from neuron_serve.request import ErrorEvent, Finish, FinishReason, Token, TokenEvent
+
+    from deployments.responses import gather
+
+    closed = []
+
+    async def source(last):
+        try:
+            yield [TokenEvent("r", 1, Token(5, "a", 0.0, False))]
+            yield [last]
+            yield [TokenEvent("r", 9, Token(5, "never", 0.0, False))]
+        finally:
+            closed.append(type(last).__name__)
+
+    finish = Finish(FinishReason.LENGTH, "ab", 2, None, 0.0, 0.0)
+    finished = source(TokenEvent("r", 2, Token(6, "b", 0.0, False), finish=finish))  # held here: not collected
+    failed = source(ErrorEvent("r", "the batcher failed"))
+
+    async def main():
+        generated = await gather(finished)
+        assert generated.finish is finish and closed == ["TokenEvent"]
+        try:
+            await gather(failed)
+        except ServeError as e:
+            assert closed == ["TokenEvent", "ErrorEvent"] and "the batcher failed" in str(e)
+        else:
+            raise AssertionError("an error event must raise")
+
+    asyncio.run(main())
