@@ -20,6 +20,7 @@ import hmac
 import logging
 import pickle
 import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +31,11 @@ logger = logging.getLogger("ray.serve")
 SECRET_BYTES = 16
 LENGTH_BYTES = 4
 SECRET_WAIT_S = 5.0  # a connection that has not presented the secret by then is closed
+# An ingress whose node vanished (no reset ever comes) is given up this long after it stopped acknowledging
+# what was written, or after probes of an idle connection went unanswered, rather than TCP's ~15 minutes,
+# while its requests hold their rows and Serve's `max_ongoing_requests` slots here.
+PEER_GONE_AFTER_S = 30
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S = 10, 5
 
 
 class ChannelError(ConnectionError):
@@ -174,6 +180,7 @@ class Channel:
         except OSError as e:
             self._close(ChannelError(f"cannot reach {self._where}: {e}"))
             return
+        _give_up_on_silence(writer.get_extra_info("socket"))
         writer.write(self.address.secret)
         self._writer = writer
         self._flush()
@@ -200,6 +207,18 @@ class Channel:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _give_up_on_silence(sock) -> None:
+    """Linux's TCP options (elsewhere, TCP's own timeouts stay)."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", (PEER_GONE_AFTER_S - KEEPALIVE_IDLE_S) // KEEPALIVE_INTERVAL_S),
+                        ("TCP_USER_TIMEOUT", PEER_GONE_AFTER_S * 1000)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        sock.setsockopt(level, option, value)
 
 
 class Outbox:

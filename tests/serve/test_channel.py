@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
+from deployments import channel as channel_module
 from deployments.channel import Address, ChannelError, Inbox, Outbox
 from neuron_serve.request import (
     Finish, FinishReason, GenerationRequest, SamplingParams, StoppingParams, Token, TokenEvent,
@@ -119,6 +126,106 @@ def test_an_ingress_that_goes_away_fails_the_requests_waiting_on_it():
             await asyncio.wait_for(done, 5)
 
     asyncio.run(main())
+
+
+def test_a_channel_gives_up_on_an_ingress_that_stops_answering():
+    """TCP's own timeouts hold a connection to a vanished host about 15 minutes while data waits, and for
+    ever while idle: the channel's connection is given PEER_GONE_AFTER_S instead."""
+    async def main():
+        inbox = Inbox("127.0.0.1")
+        channel = Outbox().channel(await inbox.address())
+        await channel.drain()  # open
+        sock = channel._writer.get_extra_info("socket")
+        options = {name: sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                   for name in ("TCP_USER_TIMEOUT", "TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")}
+        keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        await inbox.stop()
+        return keepalive, options
+
+    keepalive, options = asyncio.run(main())
+    gone = channel_module.PEER_GONE_AFTER_S
+    assert keepalive and options["TCP_USER_TIMEOUT"] == gone * 1000
+    assert options["TCP_KEEPIDLE"] + options["TCP_KEEPINTVL"] * options["TCP_KEEPCNT"] <= gone
+
+
+PEER_INBOX = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from deployments.channel import Inbox
+async def main():
+    inbox = Inbox(sys.argv[1])
+    address = await inbox.address()
+    queue = inbox.open("a")
+    print(address.port, address.secret.hex(), flush=True)
+    while True:
+        await queue.get()
+        print("frame", flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and os.geteuid() == 0 and shutil.which("ip")),
+                    reason="a host that vanishes is a network namespace whose link goes down: root and iproute2")
+def test_an_ingress_whose_host_vanishes_fails_its_requests_in_time(monkeypatch):
+    """No reset comes from a host that is gone (a node lost, a partition): the channels to its ingress,
+    one writing tokens and one idle, fail their requests within PEER_GONE_AFTER_S, so that their rows free."""
+    monkeypatch.setattr(channel_module, "PEER_GONE_AFTER_S", 3)
+    monkeypatch.setattr(channel_module, "KEEPALIVE_IDLE_S", 1)
+    monkeypatch.setattr(channel_module, "KEEPALIVE_INTERVAL_S", 1)
+    n = os.getpid() % 200
+    ns, host_if, peer_if, host_ip, peer_ip = f"nstest{n}", f"vh{n}", f"vp{n}", f"10.213.{n}.1", f"10.213.{n}.2"
+    ip = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
+    try:
+        ip("netns", "add", ns)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no network namespace here: {e.stderr.decode().strip()}")
+    peer = None
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        ip("link", "set", peer_if, "netns", ns)
+        ip("addr", "add", f"{host_ip}/24", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{peer_ip}/24", "dev", peer_if)
+        ip("netns", "exec", ns, "ip", "link", "set", peer_if, "up")
+        root = str(channel_module.__file__).rsplit("/deployments/", 1)[0]
+        peer = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER_INBOX, peer_ip, root],
+                                stdout=subprocess.PIPE, text=True)
+        port, secret = peer.stdout.readline().split()
+        address = Address(peer_ip, int(port), bytes.fromhex(secret))
+
+        async def main():
+            writing, idle = Outbox().channel(address), Outbox().channel(address)  # two batchers
+            loop = asyncio.get_running_loop()
+            done = {"writing": loop.create_future(), "idle": loop.create_future()}
+            writing.attach("a", done["writing"])
+            idle.attach("a", done["idle"])
+            for channel in (writing, idle):
+                channel.send("a", [token("a", 0)])
+                await channel.drain()
+            assert [await asyncio.to_thread(peer.stdout.readline) for _ in range(2)] == ["frame\n"] * 2
+            ip("netns", "exec", ns, "ip", "link", "set", peer_if, "down")  # the host is gone: nothing answers
+            gone_at, failed_after = time.monotonic(), {}
+            for index in range(1, 400):
+                if all(f.done() for f in done.values()):
+                    break
+                writing.send("a", [token("a", index)])  # a token each step
+                await asyncio.sleep(0.05)
+                for name, future in done.items():
+                    if future.done() and name not in failed_after:
+                        failed_after[name] = time.monotonic() - gone_at
+            for future in done.values():
+                with pytest.raises(ChannelError):
+                    future.result()
+            return failed_after
+
+        failed_after = asyncio.run(main())
+        assert set(failed_after) == {"writing", "idle"}
+        assert max(failed_after.values()) < 3 + 2, failed_after
+    finally:
+        if peer is not None:
+            peer.kill()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # and the veth pair with it
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
 
 
 def test_the_address_travels_with_a_request_without_showing_its_secret():
