@@ -10,7 +10,7 @@ import pytest
 
 from neuron_serve import async_engine as async_engine_module
 from neuron_serve.async_engine import AsyncEngine
-from neuron_serve.request import TokenEvent
+from neuron_serve.request import ErrorEvent, TokenEvent
 
 from .helpers import make_engine, request
 
@@ -59,8 +59,21 @@ def test_a_slow_caller_gets_piled_up_events_in_one_list(async_engine, tokenizer,
     assert len(chunks) < 30
 
 
+def counting_decodes(backend) -> list:
+    """One item per decode step the backend runs from now on."""
+    decodes, real_decode = [], backend.decode
+
+    def decode(*args, **kwargs):
+        decodes.append(1)
+        return real_decode(*args, **kwargs)
+
+    backend.decode = decode
+    return decodes
+
+
 def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, reference):
     prompt = tokenizer("Hello").input_ids
+    decodes = counting_decodes(async_engine.engine.backend)
 
     async def main():
         async_engine.start()
@@ -68,11 +81,13 @@ def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, referen
         async for _ in stream:
             break
         await stream.aclose()
-        for _ in range(100):
+        for _ in range(500):
             if not async_engine.engine.batch.active():
                 break
             await asyncio.sleep(0.01)
-        assert async_engine.engine.batch.free_rows() == [0, 1] and async_engine.in_flight == 0
+        # freed by the cancel, not by its end: 199 decode steps would have run to that
+        assert async_engine.engine.batch.free_rows() == [0, 1] and len(decodes) < 100
+        assert async_engine.in_flight == 0
         return await collect(async_engine, request("next", prompt, 8))
 
     assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 8)
@@ -105,20 +120,24 @@ def test_a_stream_interval_below_one_is_refused(tiny_model_dir, tokenizer):
 def test_a_failing_deliver_ends_its_own_request_and_not_the_others(async_engine, tokenizer, reference):
     prompt = tokenizer("Hello").input_ids
 
+    decodes = counting_decodes(async_engine.engine.backend)
+
     def broken(events):
         raise RuntimeError("the caller's channel broke")
 
     async def main():
         async_engine.start()
-        failed = async_engine.open(request("broken", prompt, 50), broken)
+        failed = async_engine.open(request("broken", prompt, 200), broken)
         events = await asyncio.wait_for(collect(async_engine, request("fine", prompt, 12)), 60)
         with pytest.raises(RuntimeError, match="channel broke"):
             await asyncio.wait_for(failed, 60)
-        for _ in range(100):
+        for _ in range(500):
             if not async_engine.engine.batch.active():
                 break
             await asyncio.sleep(0.01)
-        assert async_engine.engine.batch.free_rows() == [0, 1] and async_engine.in_flight == 0
+        # freed by the cancel, not by its end: 199 decode steps would have run to that
+        assert async_engine.engine.batch.free_rows() == [0, 1] and len(decodes) < 100
+        assert async_engine.in_flight == 0
         return events
 
     assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 12)
@@ -242,3 +261,44 @@ def test_a_step_past_step_timeout_makes_the_engine_unhealthy_until_it_ends(tiny_
         async_engine.stop()
     assert within and not past and after
     assert [e.token.id for e in events] == reference(prompt, 4)  # the step went on once the stall ended
+
+
+def test_a_crash_before_the_steps_plan_fails_the_requests_held_and_the_loop_serves_on(async_engine, tokenizer, reference):
+    """A bug the engine's own step cannot contain (here its scheduler raises once): `fail_all` ends every
+    request it holds with an error, and the step thread goes on to serve the next."""
+    prompt = tokenizer("Hello").input_ids
+    scheduler = async_engine.engine.scheduler
+    real_schedule, calls = scheduler.schedule, []
+
+    def schedule(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("a scheduler bug")
+        return real_schedule(*args)
+
+    scheduler.schedule = schedule
+
+    async def main():
+        async_engine.start()
+        running = asyncio.ensure_future(collect(async_engine, request("running", prompt, 50)))
+        results = await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 60)
+        after = await asyncio.wait_for(collect(async_engine, request("after", prompt, 6)), 60)
+        return results[0], after
+
+    running, after = asyncio.run(main())
+    assert isinstance(running[-1], ErrorEvent) and "a scheduler bug" in running[-1].message
+    assert [e.token.id for e in after] == reference(prompt, 6)
+    assert async_engine.engine.batch.free_rows() == [0, 1] and async_engine.in_flight == 0
+
+
+def test_an_id_in_flight_cannot_be_opened_twice(async_engine, tokenizer):
+    prompt = tokenizer("Hello").input_ids
+
+    async def main():
+        async_engine.start()
+        first = async_engine.open(request("same", prompt, 4), lambda events: None)
+        with pytest.raises(ValueError, match="already in flight"):
+            async_engine.open(request("same", prompt, 4), lambda events: None)
+        return await asyncio.wait_for(first, 60)
+
+    assert asyncio.run(main()).finish is not None

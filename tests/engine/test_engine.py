@@ -63,6 +63,14 @@ def test_final_event_reports_text_and_counts(tiny_model_dir, tokenizer, prompt_i
     assert finish.seed is None and finish.queue_time >= 0 and finish.inference_time > 0
 
 
+def test_queue_time_runs_from_submission_to_the_prefill_that_takes_the_request(tiny_model_dir, tokenizer, prompt_ids):
+    engine = make_engine(tiny_model_dir, tokenizer, batch_size=1)
+    events = run(engine, {0: [request("first", prompt_ids[0], 12), request("second", prompt_ids[1], 2)]})
+    first, second = events["first"][-1].finish, events["second"][-1].finish
+    # "second" waited for the one row through all of "first"'s generation
+    assert first.queue_time < 0.1 * first.inference_time and second.queue_time >= 0.9 * first.inference_time
+
+
 class CancelDuringPrefill:
     """Wraps a backend; cancels a request while a prefill that contains it is running."""
 

@@ -155,9 +155,14 @@ def test_details_top_tokens_prefill_and_seeded_sampling(app, tokenizer, hf_model
     events = sse_events(httpx.post(f"{app}/generate_stream", json=narrow, timeout=60).text)
     assert len(events) == 4 and all(len(e["top_tokens"]) == 2 for e in events)
 
-    best_of = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "best_of": 2, "do_sample": True, "details": True}}
+    # best_of: the sequence with the highest mean logprob per token, as TGI picks it; the others beside it.
+    best_of = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "best_of": 2, "do_sample": True,
+                                                "temperature": 1.5, "details": True}}
     result = httpx.post(f"{app}/generate", json=best_of, timeout=60).json()
-    assert len(result["details"]["best_of_sequences"]) == 1
+    mean = lambda tokens: sum(t["logprob"] for t in tokens) / len(tokens)  # noqa: E731
+    others = [mean(s["tokens"]) for s in result["details"]["best_of_sequences"]]
+    assert len(others) == 1 and others[0] != mean(result["details"]["tokens"])  # sampled apart
+    assert mean(result["details"]["tokens"]) >= max(others)
 
 
 def test_stop_sequence_through_http(app, expected, tokenizer):

@@ -57,11 +57,14 @@ def test_inputs_rules(app, tokenizer):
     r = httpx.post(f"{app}/generate", json={"inputs": too_long, "parameters": {"max_new_tokens": 10}}, timeout=60)
     assert r.status_code == 422
     assert r.json()["error"] == f"Input validation error: `inputs` must have less than 128 tokens. Given: {n}"
-    # Truncation keeps the last tokens and lets the same prompt through.
-    ok = httpx.post(f"{app}/generate", json={"inputs": too_long, "parameters": {"max_new_tokens": 2, "truncate": 100}}, timeout=60)
+    # Truncation keeps the last tokens and lets the same prompt through; with max_new_tokens absent, the
+    # request may run to max_total_tokens (256 - 100 here: this prompt meets no EOS before).
+    ok = httpx.post(f"{app}/generate", timeout=60, json={"inputs": too_long, "parameters": {
+        "truncate": 100, "details": True, "decoder_input_details": True}})
     assert ok.status_code == 200 and ok.headers["x-prompt-tokens"] == "100"
-    # max_new_tokens absent: up to max_total_tokens - inputs (250 here), TGI's 1024-token round is checked.
-    assert httpx.post(f"{app}/generate", json={"inputs": P, "parameters": {"max_new_tokens": 5}}, timeout=60).status_code == 200
+    details = ok.json()["details"]
+    assert [t["id"] for t in details["prefill"]] == tokenizer(too_long).input_ids[-100:]
+    assert (details["finish_reason"], details["generated_tokens"]) == ("length", 256 - 100)
 
 
 def test_stream_errors_arrive_as_one_event_on_http_200(app):
