@@ -435,11 +435,13 @@ def median(values: list[float | None]) -> float | None:
     return round(statistics.median(measured), 3) if measured else None
 
 
-def verdict(name: str, value: float | None, at_most: bool = False) -> str:
+def verdict(name: str, value: float | None, at_most: bool = False, failed: int = 0) -> str:
+    """`failed`: requests that failed in the runs behind `value`, which then meets no target."""
     if value is None:
         return f"{name}: not measured"
     met = value <= TARGETS[name] if at_most else value >= TARGETS[name]
-    return f"{name}: {value} (target {'<=' if at_most else '>='} {TARGETS[name]}: {'met' if met else 'NOT met'})"
+    outcome = f"NOT met: {failed} requests failed" if failed else "met" if met else "NOT met"
+    return f"{name}: {value} (target {'<=' if at_most else '>='} {TARGETS[name]}: {outcome})"
 
 
 def cpu_seconds_by_role() -> dict[str, float]:
@@ -710,6 +712,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     waiting_runs = [None if t is None else round(t - wait_ms, 2)  # its hops: its TTFT less the wait
                     for t in (run.summary()["ttft_ms"]["p50"] for run in waiting)]
     overhead, floor, waiting_floor = median(ttft_rounds), median(floor_runs), median(waiting_runs)
+    failed = lambda c, *keys: sum((at.get((names[k], c)) or {"errors": 0})["errors"] for k in keys)  # noqa: E731
     above = lambda base: None if None in (overhead, base) else round(overhead - base, 2)  # noqa: E731
     summary = {
         "mode": "side-by-side", "model": config.model_id, "batch_size": batch, "concurrency": levels,
@@ -725,6 +728,7 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
         "floor_wait_ms": wait_ms, "waiting_floor_ms": waiting_floor, "waiting_floor_ms_runs": waiting_runs,
         "serve_ttft_overhead_above_waiting_floor_ms": above(waiting_floor),
         "tok_s": tok_s, "p50_itl_ms": p50("itl_ms"), "p50_tpot_ms": p50("tpot_ms"), "p50_ttft_ms": p50("ttft_ms"),
+        "failed_requests": {f"{r.target} @ {r.concurrency}": e for r in runs if (e := r.summary()["errors"])},
         "serve_run_cpu_ms_per_token": turns.serve_cpu_ms_per_token,
         "serve_run_idle_cpus_during_engine_runs": turns.background_cpus,
     }
@@ -737,16 +741,20 @@ def side_by_side(args) -> tuple[dict, list[Run]]:
     print(f"CPU ms per streamed token in the serve runs ({os.cpu_count()} CPUs here): "
           + ", ".join(f"{k} {v}" for k, v in turns.serve_cpu_ms_per_token.items()))
     print(f"at concurrency {batch} (the batch size):")
-    print("  " + verdict("serve_over_engine", summary["serve_over_engine"]) + f", median of rounds {throughput_rounds}")
-    # Tokens handed over in groups arrive in bursts (ITL ~0 inside one): then TPOT is the fair per-token figure.
+    print("  " + verdict("serve_over_engine", summary["serve_over_engine"], failed=failed(batch, "engine", "serve"))
+          + f", median of rounds {throughput_rounds}")
+    # Tokens handed over in groups arrive in bursts: a group read at once has its gap spread over its tokens,
+    # one split across reads has gaps of ~0. TPOT, over the whole request, is blind to both: the fair figure then.
     per_token = "p50_itl_ms" if config.stream_interval == 1 else "p50_tpot_ms"
     ours, theirs = summary[per_token]["serve"], summary[per_token]["transformers_serve"]
     lower = ours is not None and theirs is not None and ours < theirs
-    print("  " + verdict("ours_over_transformers_serve", summary["ours_over_transformers_serve"])
+    print("  " + verdict("ours_over_transformers_serve", summary["ours_over_transformers_serve"],
+                         failed=failed(batch, "serve", "transformers_serve"))
           + f", with {'a lower' if lower else 'NOT a lower'} {per_token[:-3].replace('_', ' ')}")
     for metric in ("p50_itl_ms", "p50_tpot_ms", "p50_ttft_ms"):
         print(f"  {metric}: " + ", ".join(f"{k} {v}" for k, v in summary[metric].items()))
-    print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True)
+    print("idle (1 stream): " + verdict("serve_ttft_overhead_ms", summary["serve_ttft_overhead_ms"], at_most=True,
+                                        failed=failed(1, "engine", "serve"))
           + f", median of rounds {ttft_rounds}")
     print(f"  per prompt (serve minus engine on the same prompt, the median over prompts): "
           f"{summary['serve_ttft_overhead_paired_ms']} ms, median of rounds {paired_rounds}")

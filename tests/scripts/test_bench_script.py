@@ -261,6 +261,12 @@ def test_the_engine_target_notes_where_the_eos_ended_a_prompt(bench):
     assert engine.eos_after[job.prompt] < job.max_new_tokens
 
 
+def test_a_verdict_over_runs_with_failed_requests_is_not_met(bench):
+    assert bench.verdict("serve_over_engine", 0.9).endswith("(target >= 0.85: met)")
+    assert bench.verdict("serve_over_engine", 0.9, failed=2).endswith("(target >= 0.85: NOT met: 2 requests failed)")
+    assert bench.verdict("serve_ttft_overhead_ms", 6.0, at_most=True).endswith("(target <= 5.0: NOT met)")
+
+
 def test_fleet_over_linear_counts_only_runs_that_lost_no_stream(bench):
     def run(tok_s, requests, errors=0):
         return {"tok_s": tok_s, "requests": requests, "errors": errors}
