@@ -175,18 +175,18 @@ def test_an_ingress_whose_host_vanishes_fails_its_requests_in_time(monkeypatch):
     n = os.getpid() % 200
     ns, host_if, peer_if, host_ip, peer_ip = f"nstest{n}", f"vh{n}", f"vp{n}", f"10.213.{n}.1", f"10.213.{n}.2"
     ip = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
-    try:
-        ip("netns", "add", ns)
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"no network namespace here: {e.stderr.decode().strip()}")
     peer = None
     try:
-        ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        ip("link", "set", peer_if, "netns", ns)
-        ip("addr", "add", f"{host_ip}/24", "dev", host_if)
-        ip("link", "set", host_if, "up")
-        ip("netns", "exec", ns, "ip", "addr", "add", f"{peer_ip}/24", "dev", peer_if)
-        ip("netns", "exec", ns, "ip", "link", "set", peer_if, "up")
+        try:
+            ip("netns", "add", ns)
+            ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+            ip("link", "set", peer_if, "netns", ns)
+            ip("addr", "add", f"{host_ip}/24", "dev", host_if)
+            ip("link", "set", host_if, "up")
+            ip("netns", "exec", ns, "ip", "addr", "add", f"{peer_ip}/24", "dev", peer_if)
+            ip("netns", "exec", ns, "ip", "link", "set", peer_if, "up")
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"no network namespace with a veth pair here: {e.stderr.decode().strip()}")
         root = str(channel_module.__file__).rsplit("/deployments/", 1)[0]
         peer = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER_INBOX, peer_ip, root],
                                 stdout=subprocess.PIPE, text=True)
