@@ -109,9 +109,8 @@ class Engine:
             self._run(plan, events)
         except Exception as e:  # a bug outside the forward: every request held here fails, and the engine serves on
             logger.exception("engine step crashed")
-            ended = {event.request_id for event in events if is_last(event)}
-            admitted = [waiting.request.id for waiting, _ in plan.admit]
-            events += [event for event in self.fail_all(e, admitted) if event.request_id not in ended]
+            ended = {event.request_id for event in events if is_last(event)}  # finished, or failed alone
+            events += self.fail_all(e, [w.request.id for w, _ in plan.admit if w.request.id not in ended])
         return events
 
     def _run(self, plan: StepPlan, events: list[Event]) -> None:
