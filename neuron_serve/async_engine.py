@@ -64,9 +64,9 @@ class AsyncEngine:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine = engine
         self.on_step = on_step  # called on the event loop after each step's deliveries (for metrics)
-        # Called on the step thread after each step, before its events go to the event loop, and at least
-        # every IDLE_WAIT_S while idle: work that should not take the GIL from the step thread while it
-        # computes (the event loop is idle then).
+        # Called on the step thread after each step, before its events go to the event loop, and while idle:
+        # once the last step's `on_step` has run, and at least every IDLE_WAIT_S. Work that should not take
+        # the GIL from the step thread while it computes (the event loop is idle then).
         self.between_steps = between_steps
         self.stream_interval = stream_interval
         self.step_timeout_s = step_timeout_s
@@ -196,3 +196,7 @@ class AsyncEngine:
             self.on_step(stats)
         except Exception:
             logger.exception("on_step callback failed")
+        if not self.engine.has_work:
+            # The step thread has nothing to do: it runs `between_steps` for what `on_step` queued now, not in
+            # front of the next request's first token.
+            self._wake.set()

@@ -191,6 +191,36 @@ def test_between_steps_runs_on_the_step_thread_after_every_step_and_while_idle(t
     assert {thread.name for thread in calls} == {"engine-step-loop"}
 
 
+def test_what_the_last_steps_on_step_queued_is_flushed_while_idle_not_before_the_next_first_token(
+        tiny_model_dir, tokenizer):
+    """The batcher's metrics of a request's last step are queued on the loop after the step thread has gone
+    idle; they are made then, not in front of the next request's first token (IDLE_WAIT_S is 1 s)."""
+    queued = []
+
+    def on_step(stats):
+        time.sleep(0.05)  # the step thread is asleep by the time this step's metrics are queued
+        queued.append(stats)
+
+    def between_steps():
+        queued.clear()
+
+    engine = AsyncEngine(make_engine(tiny_model_dir, tokenizer, batch_size=2), on_step=on_step,
+                         between_steps=between_steps)
+
+    async def main():
+        engine.start()
+        await asyncio.sleep(0.1)  # past the idle step thread's first flush
+        await asyncio.wait_for(engine.open(request("r", tokenizer("Hello").input_ids, 3), lambda events: None), 60)
+        await asyncio.sleep(0.3)  # the last step's on_step, and the flush after it
+        return list(queued)
+
+    try:
+        left = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert left == []
+
+
 def test_a_failing_between_steps_is_logged_and_the_steps_go_on(tiny_model_dir, tokenizer, reference, caplog):
     def broken():
         raise RuntimeError("metrics are down")
