@@ -495,6 +495,18 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32767")
 
 
+# HAProxy's side ports (stats, Prometheus, Serve's fallback proxy) are fixed by default (8404, 9101, ...): each
+# cluster the bench starts takes free ones, so that a `serve run` already on this machine (`make serve`) does
+# not keep its HAProxy from starting.
+HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def haproxy_side_ports() -> dict[str, str]:
+    """Free ports for HAProxy's side ports, as environment variables for the processes of a cluster."""
+    return {name: str(free_port()) for name in HAPROXY_SIDE_PORTS}
+
+
 def wait_healthy(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (process is None or process.poll() is None):
@@ -507,7 +519,11 @@ def wait_healthy(url: str, timeout: float, process: subprocess.Popen | None = No
 
 @contextlib.contextmanager
 def server(cmd: list[str], url: str, log: Path, env: dict[str, str] | None = None):
-    """`cmd` in its own process group while the block runs; then Ctrl-C, and SIGKILL a minute later."""
+    """`cmd` in its own process group while the block runs; then Ctrl-C, and SIGKILL a minute later. What it
+    started outside its group goes too: Serve's HAProxy runs in a session of its own, and at times outlived
+    its `serve run`, serving on and holding its ports."""
+    import psutil
+
     with log.open("w") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -515,6 +531,7 @@ def server(cmd: list[str], url: str, log: Path, env: dict[str, str] | None = Non
             wait_healthy(url, 600, process)
             yield
         finally:
+            started = psutil.Process(process.pid).children(recursive=True)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGINT)
             try:
@@ -522,6 +539,9 @@ def server(cmd: list[str], url: str, log: Path, env: dict[str, str] | None = Non
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+            for child in started:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()  # psutil's kill leaves alone a process that took the pid of one gone
 
 
 def pass_through_model(model_dir: Path, into: Path) -> Path:
@@ -560,7 +580,8 @@ def serve_running(serve_config: dict, tmp: Path, log: Path):
     serve_config = {**serve_config, "http_options": {**serve_config["http_options"], "host": "127.0.0.1", "port": port}}
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(serve_config))
     url = f"http://127.0.0.1:{port}"
-    with server([str(BIN / "serve"), "run", str(tmp / "serve_config.yaml")], url, log, env={"RAY_ADDRESS": "local"}):
+    env = {"RAY_ADDRESS": "local", **haproxy_side_ports()}
+    with server([str(BIN / "serve"), "run", str(tmp / "serve_config.yaml")], url, log, env=env):
         yield url
 
 
@@ -800,6 +821,7 @@ def simulate(args) -> tuple[dict, list[Run]]:
     jobs = make_workload(load_tokenizer(resolve_model_dir(Config(model_id=args.model))), args.streams, args.seed,
                          args.prompt_tokens, args.output_tokens)
     port = free_port()
+    os.environ.update(haproxy_side_ports())  # the cluster's processes inherit this process's environment
     ray.init(address="local", num_cpus=8, resources={"neuron_cores": cores}, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     runs, cpu = [], {}

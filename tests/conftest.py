@@ -85,9 +85,6 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout}s")
 
 
-# HAProxy's side ports (stats, Prometheus, the fallback proxy): fixed by default, so a test cluster takes free ones.
-HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 
 
 def ray_logs() -> Path:
@@ -200,12 +197,12 @@ def cluster():
     import ray
     from ray import serve
 
-    free_port = load_script("bench").free_port
-    http, metrics = free_port(), free_port()
+    bench = load_script("bench")
+    http, metrics = bench.free_port(), bench.free_port()
     # HAProxy's side ports (stats, Prometheus, the fallback proxy) are fixed by default: free ones for
     # this cluster's processes only (they inherit the environment Ray starts in), so that a `serve run`
     # beside it (test_serve_run) gets the defaults, as on a fresh machine.
-    side_ports = {name: str(free_port()) for name in HAPROXY_SIDE_PORTS}
+    side_ports = bench.haproxy_side_ports()
     os.environ.update(side_ports)
     try:
         # A cluster of this process's own (address="local"): shutting it down stops only its processes, so

@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from ..conftest import HAPROXY_SIDE_PORTS, SERVE_CONFIG, load_script, titled_descendant, wait_healthy
+from ..conftest import SERVE_CONFIG, load_script, titled_descendant, wait_healthy
 from .conftest import SIMULATED, body, newcomer, run, streaming
 
 pytestmark = pytest.mark.slow
@@ -79,12 +79,12 @@ class Pods:
     `neuron_cores` each, every one draining its node on SIGTERM for the time the manifest gives it."""
 
     def __init__(self):
-        self.free_port = load_script("bench").free_port
+        bench = load_script("bench")
+        self.free_port = bench.free_port
         self.drain_s = load_script("render_kuberay").pod_drain_s(APP_CONFIG)
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
         env.update({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(self.drain_s)})
-        for name in HAPROXY_SIDE_PORTS:
-            env[name] = str(self.free_port())  # not the defaults, which a `serve run` on this machine may hold
+        env.update(bench.haproxy_side_ports())  # not the defaults, which a `serve run` on this machine may hold
         self.env = env
         self.logs = Path(tempfile.mkdtemp(prefix="pods-", dir="/tmp"))  # short: Ray's socket paths live under it
         self.gcs_port, self.http_port = self.free_port(), self.free_port()

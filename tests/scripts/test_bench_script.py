@@ -294,3 +294,46 @@ def test_bench_on_the_engine_ends_with_the_json_summary(tmp_path):
             assert set(run[metric]) == {"p50", "p90", "p99"} and run[metric]["p50"] > 0
     assert Path(summary["png"]).stat().st_size > 0
     assert json.loads((tmp_path / "bench-engine.json").read_text())["runs"] == summary["runs"]
+
+
+def test_a_server_stopped_takes_along_what_it_started_in_a_session_of_its_own(bench, tmp_path):
+    """As Serve's HAProxy, which at times outlived its `serve run`, serving on and holding its ports."""
+    port = bench.free_port()
+    escaped = tmp_path / "escaped.pid"
+    script = f"""
+import http.server, subprocess, sys
+child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+open({str(escaped)!r}, "w").write(str(child.pid))
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+http.server.HTTPServer(("127.0.0.1", {port}), Health).serve_forever()
+"""
+    with bench.server([sys.executable, "-c", script], f"http://127.0.0.1:{port}", tmp_path / "server.log"):
+        pid = int(escaped.read_text())
+        assert Path(f"/proc/{pid}").exists()
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the server's escaped child {pid} is still running")
+
+
+def test_each_serve_run_takes_free_haproxy_side_ports(bench, monkeypatch, tmp_path):
+    """Not HAProxy's fixed defaults, which a `serve run` already on the machine (`make serve`) holds."""
+    seen = []
+
+    @contextlib.contextmanager
+    def server(cmd, url, log, env=None):
+        seen.append(env)
+        yield
+
+    monkeypatch.setattr(bench, "server", server)
+    config = {"http_options": {"host": "0.0.0.0", "port": 8000}, "applications": []}
+    for _ in range(2):
+        with bench.serve_running(config, tmp_path, tmp_path / "serve_run.log"):
+            pass
+    ports = [env[name] for env in seen for name in bench.HAPROXY_SIDE_PORTS]
+    assert len(set(ports)) == 2 * len(bench.HAPROXY_SIDE_PORTS)
+    assert not {"8404", "9101"} & set(ports)
