@@ -531,7 +531,9 @@ def server(cmd: list[str], url: str, log: Path, env: dict[str, str] | None = Non
             wait_healthy(url, 600, process)
             yield
         finally:
-            started = psutil.Process(process.pid).children(recursive=True)
+            started = []
+            with contextlib.suppress(psutil.Error):  # gone already: `wait_healthy` saw it exit
+                started = psutil.Process(process.pid).children(recursive=True)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGINT)
             try:

@@ -85,8 +85,6 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout}s")
 
 
-
-
 def ray_logs() -> Path:
     """The log directory of this process's Ray session (the `cluster` fixture's): replicas' files under `serve/`."""
     import ray

@@ -337,3 +337,9 @@ def test_each_serve_run_takes_free_haproxy_side_ports(bench, monkeypatch, tmp_pa
     ports = [env[name] for env in seen for name in bench.HAPROXY_SIDE_PORTS]
     assert len(set(ports)) == 2 * len(bench.HAPROXY_SIDE_PORTS)
     assert not {"8404", "9101"} & set(ports)
+
+
+def test_a_server_that_exits_before_it_is_healthy_says_so(bench, tmp_path):
+    with pytest.raises(RuntimeError, match="did not answer 200"):
+        with bench.server([sys.executable, "-c", "pass"], f"http://127.0.0.1:{bench.free_port()}", tmp_path / "log"):
+            pass
