@@ -71,6 +71,16 @@ def counting_decodes(backend) -> list:
     return decodes
 
 
+async def freed_by_the_cancel(async_engine, decodes: list) -> None:
+    """The 200-token request's row is free, and by its cancel, not by its end (199 decode steps run to that)."""
+    for _ in range(500):
+        if not async_engine.engine.batch.active():
+            break
+        await asyncio.sleep(0.01)
+    assert async_engine.engine.batch.free_rows() == [0, 1] and len(decodes) < 100
+    assert async_engine.in_flight == 0
+
+
 def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, reference):
     prompt = tokenizer("Hello").input_ids
     decodes = counting_decodes(async_engine.engine.backend)
@@ -81,13 +91,7 @@ def test_walking_away_cancels_and_frees_the_row(async_engine, tokenizer, referen
         async for _ in stream:
             break
         await stream.aclose()
-        for _ in range(500):
-            if not async_engine.engine.batch.active():
-                break
-            await asyncio.sleep(0.01)
-        # freed by the cancel, not by its end: 199 decode steps would have run to that
-        assert async_engine.engine.batch.free_rows() == [0, 1] and len(decodes) < 100
-        assert async_engine.in_flight == 0
+        await freed_by_the_cancel(async_engine, decodes)
         return await collect(async_engine, request("next", prompt, 8))
 
     assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 8)
@@ -131,13 +135,7 @@ def test_a_failing_deliver_ends_its_own_request_and_not_the_others(async_engine,
         events = await asyncio.wait_for(collect(async_engine, request("fine", prompt, 12)), 60)
         with pytest.raises(RuntimeError, match="channel broke"):
             await asyncio.wait_for(failed, 60)
-        for _ in range(500):
-            if not async_engine.engine.batch.active():
-                break
-            await asyncio.sleep(0.01)
-        # freed by the cancel, not by its end: 199 decode steps would have run to that
-        assert async_engine.engine.batch.free_rows() == [0, 1] and len(decodes) < 100
-        assert async_engine.in_flight == 0
+        await freed_by_the_cancel(async_engine, decodes)
         return events
 
     assert [e.token.id for e in asyncio.run(main())] == reference(prompt, 12)
