@@ -169,3 +169,5 @@ class NeuronBatcher:
             self._gauges.cancel()
         if hasattr(self, "engine"):
             self.engine.stop()
+        if hasattr(self, "outbox"):
+            await self.outbox.close()  # Serve calls this once every request has returned, before the process exits

@@ -36,6 +36,9 @@ SECRET_WAIT_S = 5.0  # a connection that has not presented the secret by then is
 # while its requests hold their rows and Serve's `max_ongoing_requests` slots here.
 PEER_GONE_AFTER_S = 30
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S = 10, 5
+# A batcher about to exit waits this long at most for what it sent to leave the process (its ingresses read
+# as fast as they can; only one that is gone or stuck holds it).
+CLOSE_WAIT_S = 5.0
 
 
 class ChannelError(ConnectionError):
@@ -162,6 +165,20 @@ class Channel:
         if self._error is not None:
             raise self._error
 
+    async def close(self) -> None:
+        """Closes the connection once what was sent has left this process: a batcher that exits while a
+        frame is still in its buffer (`drain` returns once the buffer is below its limit, not empty)
+        would lose it."""
+        await asyncio.shield(self._opened)
+        self._flush()
+        writer = self._writer
+        self._close(ChannelError(f"the channel to {self._where} was closed here"), warn=False)
+        if writer is not None:
+            try:
+                await writer.wait_closed()  # the transport sends what it holds, then closes
+            except OSError:
+                pass
+
     @property
     def _where(self) -> str:
         return f"the ingress at {self.address.host}:{self.address.port}"
@@ -194,11 +211,12 @@ class Channel:
             pass
         self._close(ChannelError(f"{self._where} closed the channel"))
 
-    def _close(self, error: ChannelError) -> None:
+    def _close(self, error: ChannelError, warn: bool = True) -> None:
         if self._error is not None:
             return
         self._error = error
-        logger.warning("%s", error)
+        if warn:
+            logger.warning("%s", error)
         self._on_closed(self)
         for done in self._waiting.values():
             if not done.done():
@@ -232,6 +250,12 @@ class Outbox:
         if channel is None:
             channel = self._channels[address] = Channel(address, self._forget)
         return channel
+
+    async def close(self, timeout: float = CLOSE_WAIT_S) -> None:
+        """Closes every channel, waiting up to `timeout` for what they were sent to leave this process."""
+        closing = [asyncio.ensure_future(channel.close()) for channel in list(self._channels.values())]
+        if closing:
+            await asyncio.wait(closing, timeout=timeout)
 
     def _forget(self, channel: Channel) -> None:
         if self._channels.get(channel.address) is channel:

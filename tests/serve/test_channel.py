@@ -60,6 +60,41 @@ def test_one_step_of_events_goes_as_one_frame():
         {"a": [step], "b": [step]} for step in range(3)]
 
 
+def test_closing_waits_until_what_was_sent_has_left_the_process():
+    """A batcher closes its channels as it exits, after its last requests returned: `drain` returned once their
+    frames were below the write buffer's limit, and what is still buffered would be lost with the process."""
+    async def main():
+        payload = b"x" * (64 << 20)  # more than the sockets' buffers hold
+        read_all, reading = asyncio.Event(), asyncio.Event()
+        received = 0
+
+        async def slow_ingress(reader, writer):
+            nonlocal received
+            await reader.readexactly(16)
+            await reading.wait()
+            while chunk := await reader.read(1 << 20):
+                received += len(chunk)
+            read_all.set()
+
+        server = await asyncio.start_server(slow_ingress, "127.0.0.1", 0)
+        outbox = Outbox()
+        channel = outbox.channel(Address("127.0.0.1", server.sockets[0].getsockname()[1], b"s" * 16))
+        await channel.drain()  # open
+        channel.send("a", [payload])
+        await asyncio.sleep(0)  # the frame goes to the transport
+        closing = asyncio.ensure_future(outbox.close(timeout=30))
+        await asyncio.sleep(0.3)
+        assert not closing.done()  # the ingress has not read it yet
+        reading.set()
+        await asyncio.wait_for(closing, 30)
+        await asyncio.wait_for(read_all.wait(), 30)
+        server.close()
+        return received, 4 + len(pickle.dumps({"a": [payload]}, protocol=pickle.HIGHEST_PROTOCOL))
+
+    received, sent = asyncio.run(main())
+    assert received == sent
+
+
 def test_the_inbox_routes_each_request_its_own_events():
     async def main():
         inbox = Inbox("127.0.0.1")
