@@ -170,4 +170,4 @@ class NeuronBatcher:
         if hasattr(self, "engine"):
             self.engine.stop()
         if hasattr(self, "outbox"):
-            await self.outbox.close()  # Serve calls this once every request has returned, before the process exits
+            await self.outbox.close()  # Serve calls this after draining the requests, before the process exits
