@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# TGI's PORT moves the API, as in the container (scripts/container_start.sh): `serve run` takes the port from
+# its config only, so it runs a copy of serve_config.yaml on that port. Without PORT, Serve's 8000.
 serve: install
+ifdef PORT
+	$(BIN)/python -m deployments.http_port '$(PORT)' serve_config.yaml > $(VENV)/serve_config.port.yaml
+	$(BIN)/serve run $(VENV)/serve_config.port.yaml
+else
 	$(BIN)/serve run serve_config.yaml
+endif
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
