@@ -37,8 +37,9 @@ from .service import TextGeneration
 logger = logging.getLogger("ray.serve")
 
 REPLICA_LOST = (RayActorError, ActorUnavailableError)  # the replica process died or cannot be reached
-# /info lists the batchers if they all answer within this: one with `max_ongoing_requests` in hand answers only
-# once one of its requests ends, and Serve's broadcast gives all the answers or none.
+# /info asks the batchers for their status for this long: one with `max_ongoing_requests` in hand answers only
+# once one of its requests ends, and Serve's broadcast gives all the answers or none. Past it, /info shows
+# the last answers it had, each with the time it was given (`as_of`).
 STATUS_TIMEOUT_S = 2.0
 METRICS_FRESH_S = 1.0  # /metrics callers this close together share one reading of the cluster's metrics
 QUEUE_GAUGE_EVERY_S = 1.0  # `tgi_queue_size` is set this often (Ray exports every 10 s, and drops a gauge not set)
@@ -239,6 +240,7 @@ class Ingress:
             model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
         )
         self._metrics: tuple[float, asyncio.Future[str]] | None = None  # the latest reading of /metrics, and when
+        self._statuses: list[dict[str, Any]] = []  # the batchers' answers to /info's last broadcast that had them all
         logger.info("Ingress ready for %s: %s", config.model_id, self.limits)
 
     @staticmethod
@@ -277,7 +279,10 @@ class Ingress:
         return any(r is True for r in results)
 
     async def info(self) -> dict[str, Any]:
-        replicas = [r for r in await self._replicas("status", STATUS_TIMEOUT_S) or () if isinstance(r, dict)]
+        answers = await self._replicas("status", STATUS_TIMEOUT_S)
+        if answers is not None:  # None: one was too busy to answer in time, and the last answers stand
+            self._statuses = [r for r in answers if isinstance(r, dict)]
+        replicas = self._statuses
         limits = self.limits
         return {
             "model_id": self.config.model_id,

@@ -207,7 +207,10 @@ def test_under_saturation_the_queue_is_counted_and_health_stays_up(fleet):
     """Two batchers of 4 rows take 8 requests each (4 running, 4 in their own queue); Serve holds the
     rest. TGI's queue gauge and queue time count those too, as TGI's router queue would hold them. And
     /health stays 200: a batcher with all the requests it takes holds a probe as well, so the tokens
-    flowing through the ingress are the proof."""
+    flowing through the ingress are the proof. /info, whose question such a batcher holds too, lists the
+    batchers' last answers, with the time each was given."""
+    idle = {r["replica"]: r for r in replicas(fleet)}
+    assert len(idle) == 2 and all(time.time() - 30 < r["as_of"] <= time.time() for r in idle.values())
 
     async def scenario():
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
@@ -216,6 +219,8 @@ def test_under_saturation_the_queue_is_counted_and_health_stays_up(fleet):
                        for i in range(28)]  # 8 rows busy for ~17 s, at most 8 in the batchers' queues
             await asyncio.sleep(2)
             health = await client.get(f"{fleet}/health")
+            saturated = {r["replica"]: r for r in (await client.get(f"{fleet}/info")).json()["replicas"]}
+            assert saturated == idle  # neither could answer: the answers of before, as they were
             # Every stream with no token yet, wherever it waits (Ray exports every 10 s).
             queued = await asyncio.to_thread(
                 wait_until, lambda: metric(fleet, "tgi_queue_size") == 28 - len(started) and 28 - len(started),
