@@ -212,6 +212,7 @@ def load_neuron_model(
         logger.info("loading compiled model %s from %s", config.model_id, model_dir)
         return model_class.from_pretrained(str(model_dir), token=token)
 
+    lookup = _asked_once(lookup)  # pinning and compiling below ask about the same model
     config = pin_cached_batch(config, model_dir, lookup)  # pinned already when the app was built
     plan = export_plan(config, model_dir)
     target = cache_root(config) / "compiled" / plan.model_id.replace("/", "--") / (config.revision or "main") / plan.cache_key()
@@ -232,6 +233,18 @@ def load_neuron_model(
     logger.info("loading %s compiled earlier from %s", plan.model_id, target)
     # Saved without its weights when exported from the hub: loading fetches them, gated ones with the token.
     return model_class.from_pretrained(str(target), token=token)
+
+
+def _asked_once(lookup: Callable[[ExportPlan, str | None], list[dict[str, Any]]]):
+    """`lookup` asking the hub once per model: its answer is every cached configuration of the model."""
+    answers: dict[str, list[dict[str, Any]]] = {}
+
+    def ask(plan: ExportPlan, token: str | None) -> list[dict[str, Any]]:
+        if plan.model_id not in answers:
+            answers[plan.model_id] = lookup(plan, token)
+        return answers[plan.model_id]
+
+    return ask
 
 
 @contextlib.contextmanager

@@ -284,6 +284,28 @@ def test_an_unpinned_batch_size_is_pinned_to_the_caches_once_for_the_whole_app(t
     assert pin_cached_batch(local, tiny_model_dir, lookup) is local  # the hub cache knows hub models only
 
 
+def test_a_hub_model_compiled_at_start_asks_the_hub_cache_once(tiny_model_dir, tmp_path):
+    """A batcher built on its own (no app builder to pin the batch size first) pins it, then compiles: the
+    cache is asked once for both, the batch size it chose and whether its artifacts are there."""
+    asked = []
+
+    def lookup(plan, token):
+        asked.append(plan.model_id)
+        return [{"batch_size": 8, "sequence_length": 128, "tp_degree": 2, "torch_dtype": "float32"}]
+
+    class FromTheHub(NeuronModelStandIn):  # "org/model"'s files are the tiny model's
+        @classmethod
+        def export(cls, model_id, neuron_config, **kwargs):
+            return super().export(str(tiny_model_dir), neuron_config, **kwargs)
+
+    NeuronModelStandIn.export_calls.clear()
+    config = Config(model_id="org/model", backend="neuron", cache_dir=str(tmp_path / "cache"),
+                    export_sequence_length=128, dtype="float32")
+    model = load_neuron_model(config, tiny_model_dir, FromTheHub, lookup)
+    assert model.neuron_config.batch_size == 8 and len(NeuronModelStandIn.export_calls) == 1
+    assert asked == ["org/model"]
+
+
 def test_hub_cache_entries_are_those_for_inf2(monkeypatch):
     """inf2 and trn1 compile for the target trn1; a trn2 entry is of no use here."""
     from optimum.neuron.cache import hub_cache
