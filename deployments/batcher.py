@@ -148,7 +148,7 @@ class NeuronBatcher:
             "waiting": len(engine.waiting),
             "served": self.served,
             "healthy": self.engine.healthy,
-            "as_of": time.time(),  # when this replica answered (/info may show an answer of before, see STATUS_TIMEOUT_S)
+            "as_of": time.time(),  # when it answered: /info shows the last answers of a replica too busy to answer
         }
 
     async def inject_fault(self, kind: str, times: int, stall_s: float = 0.0) -> None:
