@@ -24,7 +24,7 @@ from .batch import Slot, StaticBatch
 from .config import Limits
 from .detokenizer import IncrementalDetokenizer, generated_text
 from .errors import ConfigError
-from .request import ErrorEvent, Event, Finish, GenerationRequest, Token, TokenEvent, is_last
+from .request import ErrorEvent, Event, Finish, GenerationRequest, SamplingParams, Token, TokenEvent, is_last
 from .sampler import Choice, RequestSampler, choose
 from .scheduler import InsertionPolicy, PrefillPolicy, Scheduler, StepPlan, WaitingRequest
 from .stopping import StopCondition
@@ -201,10 +201,13 @@ class Engine:
 
     def _new_slot(self, waiting: WaitingRequest, row: int) -> Slot:
         request = waiting.request
+        sampling = request.sampling
+        if self.backend.samples_on_device:  # the device drew the token (with its own seed): the host takes it as is
+            sampling = SamplingParams(top_n_tokens=sampling.top_n_tokens)
         slot = Slot(
             row=row,
             request=request,
-            sampler=RequestSampler(request.sampling),
+            sampler=RequestSampler(sampling),
             stop=StopCondition(request.stopping, self.eos_ids, len(request.input_ids), self.limits.max_total_tokens),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.input_ids),
             submitted_at=waiting.submitted_at,

@@ -41,6 +41,7 @@ class Backend(Protocol):
     max_prefill_tokens: int  # the longest row a prefill takes (Neuron: the compiled max_context_length)
     vocab_size: int
     prefills_subset: bool  # a prefill may name only some rows, leaving the others' KV cache as it is
+    samples_on_device: bool  # the forward picks each row's token: its logits are one-hot, and the host only reads them
     description: str  # one line for logs and /info, e.g. "torch cpu float32"
 
     def prefill(

@@ -14,7 +14,8 @@ Prompts are padded to `max_context_length` with position 0, so the graph's "last
 maximum of the positions) is each row's real last token, even for a one-token prompt. Decode always
 names every active row (the graph pads missing rows with copies of row 0, which would overwrite an
 active row left out). With on-device sampling the graph returns token ids instead of logits; they
-come back as one-hot logits, so the host sampler picks exactly that token (and reports logprob 0).
+come back as one-hot logits (`samples_on_device`), which the engine reads with a greedy sampler: exactly
+that token, logprob 0, no host draw.
 
 The Neuron libraries are imported only when this backend is opened.
 """
@@ -61,12 +62,12 @@ class NeuronBackend:
         self.max_prefill_tokens = nc.max_context_length or nc.sequence_length
         self.vocab_size = vocab_size
         self.prefills_subset = bool(nc.continuous_batching)
-        self.on_device_sampling = bool(nc.on_device_sampling)
+        self.samples_on_device = bool(nc.on_device_sampling)
         self.max_topk = getattr(nc, "max_topk", 256)
         self.pad_token_id = pad_token_id
         dtype = str(nc.torch_dtype).removeprefix("torch.")
         shape = "continuous batching" if self.prefills_subset else "whole-batch prefill"
-        sampling = ", on-device sampling (greedy/top-k/top-p/temperature)" if self.on_device_sampling else ""
+        sampling = ", on-device sampling (greedy/top-k/top-p/temperature)" if self.samples_on_device else ""
         self.description = (
             f"neuron tp{nc.tp_degree} {dtype}, batch {nc.batch_size} x {nc.sequence_length} tokens, {shape}{sampling}"
         )
@@ -126,7 +127,7 @@ class NeuronBackend:
         """[n, 3] float32 (top_k, top_p, temperature): greedy unless sampling happens on the device."""
         values = []
         for p in params:
-            if not self.on_device_sampling or p is None or not p.do_sample:
+            if not self.samples_on_device or p is None or not p.do_sample:
                 values.append([1.0, 1.0, 1.0])
             else:
                 top_k = min(p.top_k, self.max_topk) if p.top_k > 0 else self.max_topk
@@ -141,7 +142,7 @@ class NeuronBackend:
             seq_ids=torch.tensor(order, dtype=torch.long),
             sampling_params=self._sampling_params(params),
         )
-        if self.on_device_sampling:  # token ids [n]: one-hot logits, so the host sampler keeps the device's choice
+        if self.samples_on_device:  # token ids [n]: one-hot logits, so the host sampler keeps the device's choice
             logits = torch.full((len(order), self.vocab_size), float("-inf"))
             logits[torch.arange(len(order)), out.reshape(-1).long()] = 0.0
             return logits

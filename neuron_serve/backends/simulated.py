@@ -74,6 +74,7 @@ def count_parameters(model_dir: Path) -> float:
 
 class SimulatedBackend:
     prefills_subset = True
+    samples_on_device = False
 
     def __init__(self, batch_size: int, max_tokens: int, vocab_size: int, timing: Inf2Timing,
                  avoid_ids: AbstractSet[int] = frozenset(), sleep=time.sleep):

@@ -128,6 +128,7 @@ class TorchBackend:
     """`Backend` for Llama-architecture checkpoints on a torch device (CPU or CUDA)."""
 
     prefills_subset = True
+    samples_on_device = False
 
     def __init__(self, model_dir: str | Path, batch_size: int, max_tokens: int, dtype: str = "float32", device: str = "cpu"):
         model_dir = Path(model_dir)

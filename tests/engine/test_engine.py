@@ -76,7 +76,8 @@ class CancelDuringPrefill:
 
     def __init__(self, backend, engine_ref, request_id):
         self.inner, self.engine_ref, self.request_id = backend, engine_ref, request_id
-        for name in ("batch_size", "max_tokens", "max_prefill_tokens", "vocab_size", "prefills_subset", "description"):
+        for name in ("batch_size", "max_tokens", "max_prefill_tokens", "vocab_size", "prefills_subset", "samples_on_device",
+                     "description"):
             setattr(self, name, getattr(backend, name))
 
     def prefill(self, rows, token_ids, prompt_logprobs=False, sampling=None):
@@ -144,7 +145,8 @@ def test_cancel_waiting_prefilling_and_decoding_frees_only_that_request(tiny_mod
 class FailingDecode:
     def __init__(self, backend, fail_at_call):
         self.inner, self.calls, self.fail_at_call = backend, 0, fail_at_call
-        for name in ("batch_size", "max_tokens", "max_prefill_tokens", "vocab_size", "prefills_subset", "description"):
+        for name in ("batch_size", "max_tokens", "max_prefill_tokens", "vocab_size", "prefills_subset", "samples_on_device",
+                     "description"):
             setattr(self, name, getattr(backend, name))
 
     def prefill(self, rows, token_ids, prompt_logprobs=False, sampling=None):

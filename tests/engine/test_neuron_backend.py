@@ -26,6 +26,7 @@ from neuron_serve.backends.neuron_models import (
 from neuron_serve.config import Config
 from neuron_serve.errors import ConfigError
 from neuron_serve.loading import build_engine, model_limits, open_neuron_backend
+from neuron_serve import sampler
 from neuron_serve.model_files import resolve_model_dir
 from neuron_serve.tiny_model import TINY_MODEL_ID
 
@@ -127,14 +128,20 @@ def test_a_row_past_the_compiled_context_is_not_rebuilt_and_newcomers_wait_for_i
     assert len(prefills) == 2  # the late one's waited until the long one ended: no rebuild of it
 
 
-def test_on_device_sampling_is_used_for_greedy(tiny_model_dir, tokenizer, reference, tmp_path):
+def test_on_device_sampling_is_used_for_greedy(tiny_model_dir, tokenizer, reference, tmp_path, monkeypatch):
     compiled = compile_standin(tiny_model_dir, tmp_path / "compiled", batch_size=2, sequence_length=128, on_device_sampling=True)
     engine = neuron_engine(neuron_config(compiled, tmp_path))
     assert "on-device sampling" in engine.backend.description
+
+    def host_draw(*args):  # the device drew the token: at a 128k vocabulary a host draw over it cost ~9 ms a row
+        raise AssertionError("the host drew a token the device had drawn")
+
+    monkeypatch.setattr(sampler, "_sampled", host_draw)
     prompt = tokenizer(PROMPTS[0]).input_ids
     events = run(engine, {0: [request("g", prompt, 10), request("s", prompt, 10, do_sample=True, top_k=5, seed=1)]})
     assert token_ids(events["g"]) == reference(prompt, 10)
-    assert len(events["s"]) == 10 and all(e.token.logprob == 0.0 for e in events["g"])
+    assert len(events["s"]) == 10 and all(e.token.logprob == 0.0 for e in events["g"] + events["s"])
+    assert events["s"][-1].finish.seed is None  # the host's seed was never used: none is reported
     # A temperature and top_p positive but below float32's range would be 0 on the device, which refuses the
     # whole batch's forward; the smallest float32 instead makes the device's draw the top token, greedy.
     cold = dict(do_sample=True, temperature=1e-46, top_p=1e-46, seed=2)

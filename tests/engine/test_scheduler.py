@@ -20,6 +20,7 @@ class ScriptedBackend:
     """Next token = last token + 1 (mod VOCAB); records every call."""
 
     batch_size, max_tokens, max_prefill_tokens, vocab_size, prefills_subset, description = 4, 1024, 1024, VOCAB, True, "scripted"
+    samples_on_device = False
 
     def __init__(self):
         self.calls = []
