@@ -200,11 +200,11 @@ class DisconnectCancels:
 
 
 class ApiKey:
-    """`Authorization: Bearer <key>` on every route but the open ones (a path, or "METHOD /path");
-    the scheme's case does not matter, the key is compared in constant time."""
+    """`Authorization: Bearer <key>` on every route but the open ones (a path, or "METHOD /path"). As TGI
+    compares it, the header's case does not matter, the key's included; compared in constant time."""
 
     def __init__(self, app: ASGIApp, key: str, open_paths: set[str]):
-        self.app, self.expected, self.open_paths = app, f"Bearer {key}".encode(), open_paths
+        self.app, self.expected, self.open_paths = app, f"Bearer {key}".encode().lower(), open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -215,9 +215,7 @@ class ApiKey:
         method = scope["method"]
         if path in self.open_paths or f"{method} {path}" in self.open_paths or method == "OPTIONS":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if given[:7].lower() == b"bearer ":
-            given = b"Bearer " + given[7:]
+        given = dict(scope["headers"]).get(b"authorization", b"").lower()
         if not hmac.compare_digest(given, self.expected):
             response = error_response(401, "unauthorized", "Unauthorized: a valid `Authorization: Bearer <API_KEY>` header is required")
             return await response(scope, receive, send)

@@ -237,7 +237,7 @@ class Ingress:
         self._queue_gauge = asyncio.create_task(self._keep_queue_gauge(request_metrics, source))
         self.service = TextGeneration(
             config, self.limits, load_tokenizer(model_dir, config.token), source,
-            model_id=config.model_id, compute_type=config.backend, metrics=request_metrics,
+            model_id=config.model_id, compute_type=config.compute_type or config.backend, metrics=request_metrics,
         )
         self._metrics: tuple[float, asyncio.Future[str]] | None = None  # the latest reading of /metrics, and when
         self._statuses: list[dict[str, Any]] = []  # the batchers' answers to /info's last broadcast that had them all

@@ -40,6 +40,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "max_client_batch_size": ("MAX_CLIENT_BATCH_SIZE",),
     "payload_limit": ("PAYLOAD_LIMIT",),
     "api_key": ("API_KEY",),
+    "compute_type": ("COMPUTE_TYPE",),
     "cors_allow_origin": ("CORS_ALLOW_ORIGIN",),
     "export_batch_size": ("HF_BATCH_SIZE",),
     "export_sequence_length": ("HF_SEQUENCE_LENGTH",),
@@ -94,6 +95,7 @@ class Config(BaseModel):
     max_client_batch_size: int = Field(4, gt=0)
     payload_limit: int = Field(2_000_000, gt=0)
     api_key: SecretStr | None = None
+    compute_type: str | None = Field(None, description="the `x-compute-type` response header (TGI's COMPUTE_TYPE; None: the backend)")
     cors_allow_origin: list[str] = Field(default_factory=list)
     api_key_open_paths: list[str] = Field(
         ["/health", "/ping", "GET /", "/info", "/metrics", "/v1/models", "/chat_tokenize", "/docs", "/api-doc/openapi.json"],

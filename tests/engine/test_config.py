@@ -22,6 +22,7 @@ def test_defaults_then_args_then_env():
     assert config.export_num_cores == 2 and config.export_auto_cast_type == "bf16"
     assert config.cors_allow_origin == ["https://a.example", "https://b.example"]
     assert load_config({}, environ={"MAX_INPUT_TOKENS": "7", "MAX_INPUT_LENGTH": "9"}).max_input_tokens == 7
+    assert load_config({}, environ={"COMPUTE_TYPE": "gpu+optimized"}).compute_type == "gpu+optimized"
 
 
 IMAGE_ARGS = {"model_id": TINY_MODEL_ID, "cores_per_replica": 2, "max_batch_size": 8, "max_total_tokens": 1024,

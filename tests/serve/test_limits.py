@@ -17,7 +17,7 @@ KEY = "s3cret-key"
 def guarded(cluster):
     # 1024 tokens (the tiny model's positions), so that a long stream holds its permit for seconds
     url = cluster.deploy("guarded", {**SIDE_ARGS, "api_key": KEY, "max_concurrent_requests": 2, "payload_limit": 4096,
-                                     "max_total_tokens": 1024})
+                                     "max_total_tokens": 1024, "compute_type": "inf2.xlarge"})
     yield url
     cluster.delete("guarded")
 
@@ -32,8 +32,12 @@ def test_api_key_guards_the_routes_tgi_guards(guarded):
     assert httpx.post(f"{guarded}/generate", json=body, timeout=30).status_code == 401
     wrong = httpx.post(f"{guarded}/generate", json=body, headers={"authorization": "Bearer nope"}, timeout=30)
     assert wrong.status_code == 401 and wrong.json()["error_type"] == "unauthorized"
-    assert httpx.post(f"{guarded}/generate", json=body, headers=AUTH, timeout=30).status_code == 200
-    assert httpx.post(f"{guarded}/generate", json=body, headers={"authorization": f"bearer {KEY}"}, timeout=30).status_code == 200
+    served = httpx.post(f"{guarded}/generate", json=body, headers=AUTH, timeout=30)
+    assert served.status_code == 200 and served.headers["x-compute-type"] == "inf2.xlarge"  # COMPUTE_TYPE, as TGI's
+    # TGI compares the whole header in lower case: the scheme's case does not matter, nor the key's
+    for header in (f"bearer {KEY}", f"BEARER {KEY.upper()}"):
+        assert httpx.post(f"{guarded}/generate", json=body, headers={"authorization": header}, timeout=30).status_code == 200
+    assert httpx.post(f"{guarded}/generate", json=body, headers={"authorization": f"Bearer {KEY}x"}, timeout=30).status_code == 401
     for path in ("/", "/generate_stream", "/tokenize", "/invocations", "/v1/completions", "/v1/chat/completions"):
         assert httpx.post(f"{guarded}{path}", json=body, timeout=30).status_code == 401, path
     for path in ("/", "/health", "/ping", "/info", "/metrics", "/v1/models", "/docs", "/api-doc/openapi.json"):

@@ -116,6 +116,7 @@ def test_completions_of_two_prompts_add_up_their_headers_and_name_the_served_mod
     assert r.json()["model"] == "neuron-serve/tiny-llama"  # TGI names its model here, whatever the request says
     assert r.headers["x-generated-tokens"] == "6" and r.headers["x-prompt-tokens"] == "9"  # 6 + 3, with BOS
     assert int(r.headers["x-total-time"]) >= int(r.headers["x-inference-time"])
+    assert r.headers["x-compute-type"] == "torch"  # no COMPUTE_TYPE: the backend
 
 
 def test_chat_rules(app):
