@@ -16,7 +16,7 @@ from transformers import (
 
 from neuron_serve.backends import torch_llama
 from neuron_serve.request import SamplingParams, TokenEvent
-from neuron_serve.sampler import FrequencyPenaltyLogitsProcessor, RequestSampler, choose
+from neuron_serve.sampler import FrequencyPenaltyLogitsProcessor, RequestSampler, choose, first_largest
 
 from .helpers import make_engine, request, run, token_ids
 
@@ -209,3 +209,11 @@ def test_logprobs_of_generated_and_prompt_tokens_match_the_model(engine, hf_mode
     for k in range(1, len(prompt)):
         assert prefill[k].logprob == pytest.approx(logprobs[k - 1, prompt[k]].item(), abs=1e-4)
     assert all(e.prompt_tokens is None for e in events[1:])
+
+
+def test_the_first_largest_is_torchs_argmax_ties_nan_and_infinities_included():
+    nan, inf = math.nan, math.inf
+    rows = torch.tensor([[1.0, 3.0, 3.0, 2.0], [-inf, -inf, 0.0, -inf], [0.0, nan, 5.0, nan], [-inf] * 4, [inf, 1.0, inf, 0.0]])
+    assert first_largest(rows).tolist() == rows.argmax(dim=-1).tolist() == [1, 2, 1, 0, 0]
+    wide = torch.randn(8, 128256)
+    assert torch.equal(first_largest(wide), wide.argmax(dim=-1))
