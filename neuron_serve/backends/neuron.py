@@ -142,7 +142,7 @@ class NeuronBackend:
             seq_ids=torch.tensor(order, dtype=torch.long),
             sampling_params=self._sampling_params(params),
         )
-        if self.samples_on_device:  # token ids [n]: one-hot logits, so the host sampler keeps the device's choice
+        if self.samples_on_device:  # token ids [n]: one-hot logits, which the engine reads with a greedy sampler
             logits = torch.full((len(order), self.vocab_size), float("-inf"))
             logits[torch.arange(len(order)), out.reshape(-1).long()] = 0.0
             return logits
