@@ -71,13 +71,17 @@ def test_queue_time_runs_from_submission_to_the_prefill_that_takes_the_request(t
     assert first.queue_time < 0.1 * first.inference_time and second.queue_time >= 0.9 * first.inference_time
 
 
+# The `Backend` attributes a wrapping backend copies from the one it wraps.
+BACKEND_SHAPE = ("batch_size", "max_tokens", "max_prefill_tokens", "vocab_size", "prefills_subset", "samples_on_device",
+                 "description")
+
+
 class CancelDuringPrefill:
     """Wraps a backend; cancels a request while a prefill that contains it is running."""
 
     def __init__(self, backend, engine_ref, request_id):
         self.inner, self.engine_ref, self.request_id = backend, engine_ref, request_id
-        for name in ("batch_size", "max_tokens", "max_prefill_tokens", "vocab_size", "prefills_subset", "samples_on_device",
-                     "description"):
+        for name in BACKEND_SHAPE:
             setattr(self, name, getattr(backend, name))
 
     def prefill(self, rows, token_ids, prompt_logprobs=False, sampling=None):
@@ -145,8 +149,7 @@ def test_cancel_waiting_prefilling_and_decoding_frees_only_that_request(tiny_mod
 class FailingDecode:
     def __init__(self, backend, fail_at_call):
         self.inner, self.calls, self.fail_at_call = backend, 0, fail_at_call
-        for name in ("batch_size", "max_tokens", "max_prefill_tokens", "vocab_size", "prefills_subset", "samples_on_device",
-                     "description"):
+        for name in BACKEND_SHAPE:
             setattr(self, name, getattr(backend, name))
 
     def prefill(self, rows, token_ids, prompt_logprobs=False, sampling=None):
